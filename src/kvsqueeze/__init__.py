@@ -1,0 +1,30 @@
+"""kvsqueeze: quantized, packed key/value caches for Hugging Face transformers.
+
+    from kvsqueeze import SqueezedCache, load_model
+    model, tokenizer = load_model("smollm2-135m")
+    cache = SqueezedCache.from_model(model, "k4v2")
+    model.generate(**inputs, past_key_values=cache)
+
+Importing kvsqueeze changes nothing in transformers; transformers itself is imported lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import PRESETS, CacheConfig, QuantSpec, preset
+
+__all__ = ["PRESETS", "CacheConfig", "QuantSpec", "SqueezedCache", "load_model", "preset"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SqueezedCache":
+        from .integrations.cache import SqueezedCache
+
+        return SqueezedCache
+    if name == "load_model":
+        from .models import load_model
+
+        return load_model
+    raise AttributeError(f"module 'kvsqueeze' has no attribute {name!r}")

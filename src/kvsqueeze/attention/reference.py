@@ -1,0 +1,75 @@
+"""Reference read path: dequantize one layer's history into a reusable workspace.
+
+`materialize` returns full-precision keys and values for the layer being computed, in
+sequence order ``[sinks | packed history | residual window | new tokens]``, as views into a
+`Workspace` shared by all layers of a cache. Any attention implementation can consume them.
+The views are valid until the next call for any layer (transformers consumes them at once).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..storage.layer import LayerStore
+
+
+class Workspace:
+    """Scratch (batch, kv_heads, capacity, head_dim) buffers for keys and values, grown by pages.
+
+    One layer's worth of full-precision K/V, reused by every layer; it is reported apart from
+    the cache's stored bytes because it does not grow with the number of layers.
+    """
+
+    def __init__(self, grow_tokens: int = 1024) -> None:
+        self.grow_tokens = grow_tokens
+        self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, like: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value buffers of at least ``num_tokens`` tokens, shaped and typed like ``like``."""
+        b, h, _, d = like.shape
+        key = (b, h, d, like.dtype, like.device)
+        held = self.buffers.get(key)
+        if held is None or held[0].shape[-2] < num_tokens:
+            cap = -(-num_tokens // self.grow_tokens) * self.grow_tokens
+            held = tuple(torch.empty(b, h, cap, d, dtype=like.dtype, device=like.device) for _ in range(2))
+            self.buffers[key] = held
+        return held[0][:, :, :num_tokens], held[1][:, :, :num_tokens]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.buffers.values() for t in pair)
+
+    def clear(self) -> None:
+        self.buffers.clear()
+
+
+def materialize(
+    store: LayerStore, key: torch.Tensor, value: torch.Tensor, workspace: Workspace
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full keys and values (batch, kv_heads, held + n, head_dim) for attention over the stored
+    tokens plus the new ``key``, ``value`` (batch, kv_heads, n, head_dim), which stay exact.
+
+    Must be called before ``store.append`` of the same tokens.
+    """
+    if store.num_tokens == 0:
+        return key, value
+    total = store.num_tokens + key.shape[-2]
+    out_k, out_v = workspace.get(key, total)
+    for out, sinks, packed, window, new in (
+        (out_k, store.sink_k, store.packed_k, store.window_k, key),
+        (out_v, store.sink_v, store.packed_v, store.window_v, value),
+    ):
+        pos = _put(out, 0, sinks.view())
+        if packed.num_tokens:
+            packed.dequantize_into(out[:, :, pos : pos + packed.num_tokens])
+            pos += packed.num_tokens
+        _put(out, _put(out, pos, window.view()), new)
+    return out_k, out_v
+
+
+def _put(out: torch.Tensor, pos: int, part: torch.Tensor | None) -> int:
+    """Copy ``part`` into ``out`` at token ``pos``; return the next position."""
+    if part is None:
+        return pos
+    out[:, :, pos : pos + part.shape[-2]].copy_(part)
+    return pos + part.shape[-2]

@@ -1,0 +1,156 @@
+"""`SqueezedCache`: a transformers `Cache` whose full-attention layers store packed K/V.
+
+Only this package imports transformers. Sliding-window (and chunked) attention layers stay
+exact and windowed (transformers' own `DynamicSlidingWindowLayer`): they hold at most one
+window of tokens, so quantizing them saves little; `memory_report` lists their bytes apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    CacheLayerMixin,
+    get_layer_types_and_kwargs,
+)
+
+from ..attention.reference import Workspace, materialize
+from ..config import CacheConfig, resolve_config
+from ..storage.layer import LayerStore
+from .memory import MemoryReport, layer_nbytes
+
+FULL_ATTENTION = "full_attention"
+EXACT_LAYER_TYPES = ("sliding_attention", "chunked_attention", "dummy")
+
+
+class SqueezedLayer(CacheLayerMixin):
+    """One full-attention layer: exact sinks, packed history, exact residual window.
+
+    `update` returns full-precision keys and values of shape (batch, kv_heads, tokens, head_dim)
+    for this layer's attention (the reference path): the history dequantized into a workspace
+    shared by all layers, the new tokens exact. It then stores the new tokens; tokens that leave
+    the residual window are quantized once, in whole blocks.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config: CacheConfig, workspace: Workspace, max_tokens: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.workspace = workspace
+        self.max_tokens = max_tokens
+        self.store = LayerStore(config)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attend-to keys and values (batch, kv_heads, held + n, head_dim) for new states (…, n, …)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        total = self.store.num_tokens + key_states.shape[-2]
+        if self.max_tokens is not None and total > self.max_tokens:
+            raise ValueError(
+                f"sequence length: {total} tokens exceed the model's context of {self.max_tokens} "
+                f"(max_position_embeddings); shorten the prompt or the number of new tokens"
+            )
+        keys, values = materialize(self.store, key_states, value_states, self.workspace)
+        self.store.append(key_states, value_states)
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.store.num_tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.store.num_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes
+
+    def reset(self) -> None:
+        self.store.clear()
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.store.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.store.map_batch(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.store.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "crop: SqueezedCache cannot roll back tokens (assisted/speculative decoding); "
+            "use preset 'none' or transformers' DynamicCache for that feature"
+        )
+
+    def offload(self) -> None:
+        raise NotImplementedError("offload: SqueezedCache does not offload layers yet")
+
+    prefetch = offload
+
+
+class SqueezedCache(Cache):
+    """A transformers `Cache` that keeps K/V packed in 2–8 bits (see `CacheConfig`).
+
+    Build it for a model with `SqueezedCache.from_model(model, "k4v2")` and pass it as
+    ``past_key_values`` to ``model.generate`` or ``model(...)``.
+    """
+
+    def __init__(
+        self,
+        config: str | CacheConfig | dict,
+        model_config: Any,
+    ) -> None:
+        self.cache_config = resolve_config(config)
+        text_config = model_config.get_text_config(decoder=True)
+        num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        head_dim = (
+            getattr(text_config, "head_dim", None)
+            or text_config.hidden_size // text_config.num_attention_heads
+        )
+        self.cache_config.check_model(num_kv_heads, head_dim)
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.workspace = Workspace()
+        max_tokens = getattr(text_config, "max_position_embeddings", None)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        layers: list[CacheLayerMixin] = []
+        for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
+            if layer_type == FULL_ATTENTION:
+                layers.append(SqueezedLayer(self.cache_config, self.workspace, max_tokens))
+            elif layer_type in EXACT_LAYER_TYPES:
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
+            else:
+                raise ValueError(
+                    f"layer_types[{index}]: {layer_type!r} is not supported by SqueezedCache; "
+                    f"allowed: {[FULL_ATTENTION, *EXACT_LAYER_TYPES]}"
+                )
+        super().__init__(layers=layers)
+
+    @classmethod
+    def from_model(cls, model: Any, config: str | CacheConfig | dict = "k4v2") -> SqueezedCache:
+        """A cache for ``model`` (any transformers causal LM) from a preset name or a config."""
+        return cls(config, model.config)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds (codes, scales, zero points, sinks, residual,
+        exact sliding-window layers). The reference path's scratch is reported apart."""
+        return sum(layer_nbytes(layer) for layer in self.layers)
+
+    def memory_report(self) -> MemoryReport:
+        """Bytes by part, tokens held, bytes per token and the ratio to an fp16 cache."""
+        return MemoryReport.from_cache(self)

@@ -1,0 +1,61 @@
+"""`MemoryReport`: what a cache holds, by part, against an fp16 cache of the same tokens."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def exact_layer_nbytes(layer: Any) -> int:
+    """Bytes of a layer's exact ``keys``/``values`` tensors (transformers' own layer classes)."""
+    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+
+
+def layer_nbytes(layer: Any) -> int:
+    """Bytes a cache layer holds: its own ``nbytes`` when it has one, else its exact tensors."""
+    own = getattr(layer, "nbytes", None)
+    return own if own is not None else exact_layer_nbytes(layer)
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Bytes held by a `SqueezedCache` (``total_bytes`` equals `SqueezedCache.nbytes`)."""
+
+    num_tokens: int
+    batch_size: int
+    total_bytes: int
+    fp16_bytes: int
+    workspace_bytes: int
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ratio_to_fp16(self) -> float:
+        return self.total_bytes / self.fp16_bytes if self.fp16_bytes else float("nan")
+
+    @property
+    def bytes_per_token(self) -> float:
+        n = self.num_tokens * self.batch_size
+        return self.total_bytes / n if n else float("nan")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(ratio_to_fp16=self.ratio_to_fp16, bytes_per_token=self.bytes_per_token)
+        return d
+
+    @classmethod
+    def from_cache(cls, cache: Any) -> MemoryReport:
+        parts: dict[str, int] = {}
+        batch = 0
+        for layer in cache.layers:
+            store = getattr(layer, "store", None)
+            if store is not None:
+                layer_parts, layer_batch = store.parts(), store.batch_size
+            else:
+                layer_parts = {"exact_layers": exact_layer_nbytes(layer)}
+                layer_batch = layer.keys.shape[0] if getattr(layer, "keys", None) is not None else 0
+            for name, n in layer_parts.items():
+                parts[name] = parts.get(name, 0) + n
+            batch = max(batch, layer_batch)
+        tokens = cache.get_seq_length()
+        fp16 = 2 * 2 * len(cache.layers) * cache.num_kv_heads * cache.head_dim * tokens * batch
+        return cls(tokens, batch, sum(parts.values()), fp16, cache.workspace.nbytes, parts)

@@ -1,0 +1,114 @@
+"""`PackedTensor`: bit-packed codes plus their scales and zero points, with its own size.
+
+Shapes, for ``tokens`` tokens of a (batch, kv_heads, tokens, head_dim) tensor:
+
+* ``codes``: uint8 (batch, kv_heads, tokens, head_dim * bits / 8), see `packing`;
+* ``scale`` and ``zero``: ``spec.scale_dtype``, (batch, kv_heads, tokens, head_dim / group_size)
+  per-token or (batch, kv_heads, tokens / group_size, head_dim) per-channel; ``zero`` is None
+  for symmetric and FP8 specs.
+
+A fused attention path reads these three tensors directly; the reference path calls
+`dequantize`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .packing import pack, packed_size, unpack
+from .primitives import FP8_DTYPES, apply_qparams_, choose_qparams, quantize
+from .spec import Axis, QuantSpec
+
+
+@dataclass
+class PackedTensor:
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    spec: QuantSpec
+
+    @staticmethod
+    def empty(
+        batch_size: int, num_heads: int, num_tokens: int, head_dim: int, spec: QuantSpec, device: torch.device
+    ) -> PackedTensor:
+        """Uninitialised storage for ``num_tokens`` tokens (a whole number of per-channel groups)."""
+        rows, cols = scale_shape(num_tokens, head_dim, spec)
+        codes = torch.empty(
+            batch_size,
+            num_heads,
+            num_tokens,
+            packed_size(head_dim, spec.bits),
+            dtype=torch.uint8,
+            device=device,
+        )
+        meta = (batch_size, num_heads, rows, cols)
+        scale = torch.empty(meta, dtype=spec.torch_scale_dtype, device=device)
+        zero = torch.empty(meta, dtype=spec.torch_scale_dtype, device=device) if spec.has_zero else None
+        return PackedTensor(codes, scale, zero, spec)
+
+    @staticmethod
+    def from_float(x: torch.Tensor, spec: QuantSpec) -> PackedTensor:
+        """Quantize and pack ``x`` (B, H, T, D); T must be a whole number of per-channel groups."""
+        scale, zero = choose_qparams(x, spec)
+        codes = pack(quantize(x, scale, zero, spec), spec.bits)
+        return PackedTensor(codes, scale, zero, spec)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.codes.shape[-2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.codes.shape[-1] * 8 // self.spec.bits
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: codes + scales + zero points."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.codes, self.scale, self.zero) if t is not None]
+
+    def slice_tokens(self, start: int, stop: int) -> PackedTensor:
+        """A view of tokens [start, stop) (per-channel: bounds on group boundaries)."""
+        r0, r1 = _rows(start, self.spec), _rows(stop, self.spec)
+        zero = None if self.zero is None else self.zero[:, :, r0:r1]
+        return PackedTensor(self.codes[:, :, start:stop], self.scale[:, :, r0:r1], zero, self.spec)
+
+    def copy_(self, other: PackedTensor) -> None:
+        """Copy ``other`` (same spec and shape) into this storage."""
+        for dst, src in zip(self.tensors(), other.tensors(), strict=True):
+            dst.copy_(src)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedTensor:
+        """Apply ``fn`` to every held tensor (e.g. batch selection), returning a new PackedTensor."""
+        return PackedTensor(
+            fn(self.codes), fn(self.scale), None if self.zero is None else fn(self.zero), self.spec
+        )
+
+    def dequantize(self, out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Values (B, H, T, D), written into ``out`` when given (no other full-size temporary)."""
+        if out is None:
+            out = torch.empty(*self.codes.shape[:-1], self.head_dim, dtype=dtype, device=self.codes.device)
+        if self.spec.is_fp8:
+            out.copy_(self.codes.view(FP8_DTYPES[self.spec.format]))
+        else:
+            unpack(self.codes, self.spec.bits, out=out)
+        return apply_qparams_(out, self.scale, self.zero, self.spec)
+
+
+def scale_shape(num_tokens: int, head_dim: int, spec: QuantSpec) -> tuple[int, int]:
+    """(rows, cols) of the scale tensor for ``num_tokens`` tokens."""
+    if spec.axis is Axis.TOKEN:
+        return num_tokens, head_dim // spec.group_size
+    return num_tokens // spec.group_size, head_dim
+
+
+def _rows(num_tokens: int, spec: QuantSpec) -> int:
+    if spec.axis is Axis.TOKEN:
+        return num_tokens
+    assert num_tokens % spec.group_size == 0, "per-channel slices must fall on group boundaries"
+    return num_tokens // spec.group_size

@@ -1,0 +1,112 @@
+"""The quantizer core: `choose_qparams`, `quantize`, `dequantize` (pure functions).
+
+Tensors have the transformers layout ``(batch, kv_heads, tokens, head_dim)``. Scales and zero
+points have shape ``(batch, kv_heads, tokens, head_dim / group_size)`` for per-token groups
+and ``(batch, kv_heads, tokens / group_size, head_dim)`` for per-channel groups.
+
+Integer codes are unsigned ``uint8`` in ``[0, 2**bits)``: asymmetric ``x ~ code * scale + zero``
+(``zero`` is the group minimum, KIVI style), symmetric ``x ~ (code - mid) * scale``. FP8 codes
+are the raw bytes of ``x / scale`` in the FP8 format (``scale = amax / max_finite``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import Axis, Format, QuantSpec
+
+FP8_DTYPES = {Format.FP8_E4M3: torch.float8_e4m3fn, Format.FP8_E5M2: torch.float8_e5m2}
+_TINY = 1e-6
+
+
+def grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View ``x`` (B, H, T, D) with one group per slice along the last axis of the result.
+
+    Per-token: (B, H, T, D/g, g). Per-channel: (B, H, T/g, D, g) (a transposed view).
+    """
+    if spec.axis is Axis.TOKEN:
+        return x.unflatten(-1, (-1, spec.group_size))
+    return x.unflatten(-2, (-1, spec.group_size)).transpose(-1, -2)
+
+
+def choose_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point (None when symmetric) for ``x`` (B, H, T, D), already rounded to
+    ``spec.scale_dtype`` so that codes are computed against exactly what is stored."""
+    g = grouped(x.float(), spec)
+    if spec.is_fp8:
+        fmax = torch.finfo(FP8_DTYPES[spec.format]).max
+        scale = g.abs().amax(-1) / fmax
+        return scale.clamp_min(_TINY).to(spec.torch_scale_dtype), None
+    if spec.symmetric:
+        half = 2 ** (spec.bits - 1) - 1
+        scale = g.abs().amax(-1) / max(half, 1)
+        return scale.clamp_min(_TINY).to(spec.torch_scale_dtype), None
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / (2**spec.bits - 1)).clamp_min(_TINY).to(spec.torch_scale_dtype)
+    return scale, lo.to(spec.torch_scale_dtype)
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec
+) -> torch.Tensor:
+    """Codes (uint8, same shape as ``x`` (B, H, T, D)); for FP8 the raw FP8 bytes."""
+    g = grouped(x.float(), spec)
+    s = scale.float().unsqueeze(-1)
+    if spec.is_fp8:
+        q = (g / s).to(FP8_DTYPES[spec.format]).view(torch.uint8)
+    elif spec.symmetric:
+        mid = 2 ** (spec.bits - 1)
+        q = (torch.round(g / s) + mid).clamp_(1 if spec.bits > 1 else 0, 2**spec.bits - 1).to(torch.uint8)
+    else:
+        q = torch.round((g - zero.float().unsqueeze(-1)) / s).clamp_(0, 2**spec.bits - 1).to(torch.uint8)
+    return _ungroup(q, spec)
+
+
+def _ungroup(g: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    if spec.axis is Axis.TOKEN:
+        return g.flatten(-2)
+    return g.transpose(-1, -2).flatten(-3, -2)
+
+
+def offset(
+    scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec, dtype: torch.dtype
+) -> torch.Tensor:
+    """The additive term of ``x = code * scale + offset`` (same shape as ``scale``)."""
+    if spec.is_fp8:
+        return torch.zeros((), dtype=dtype, device=scale.device)
+    if spec.symmetric:
+        return scale.to(dtype) * -(2 ** (spec.bits - 1))
+    return zero.to(dtype)
+
+
+def apply_qparams_(
+    codes_as_float: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec
+) -> torch.Tensor:
+    """In place: turn decoded codes (B, H, T, D) in a float tensor into dequantized values."""
+    g = grouped(codes_as_float, spec)
+    s = scale.to(codes_as_float.dtype).unsqueeze(-1)
+    if spec.is_fp8:
+        g.mul_(s)
+        return codes_as_float
+    o = offset(scale, zero, spec, codes_as_float.dtype)
+    o = o.unsqueeze(-1) if o.dim() else o
+    torch.addcmul(o, g, s, out=g)
+    return codes_as_float
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    spec: QuantSpec,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Values (B, H, T, D) from unpacked codes; written into ``out`` when given."""
+    if out is None:
+        out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    if spec.is_fp8:
+        out.copy_(codes.view(FP8_DTYPES[spec.format]))
+    else:
+        out.copy_(codes)
+    return apply_qparams_(out, scale, zero, spec)
