@@ -26,6 +26,21 @@ FULL_ATTENTION = "full_attention"
 EXACT_LAYER_TYPES = ("sliding_attention", "chunked_attention", "dummy")
 
 
+def check_context(total: int, max_tokens: int | None) -> None:
+    """Raise ValueError when ``total`` tokens exceed the model's context ``max_tokens`` (None: no limit)."""
+    if max_tokens is not None and total > max_tokens:
+        raise ValueError(
+            f"sequence length: {total} tokens exceed the model's context of {max_tokens} "
+            f"(max_position_embeddings); shorten the prompt or the number of new tokens"
+        )
+
+
+CROP_ERROR = (
+    "crop: SqueezedCache cannot roll back tokens (assisted/speculative decoding), "
+    "not even with preset 'none'; use transformers' DynamicCache for that feature"
+)
+
+
 class SqueezedLayer(CacheLayerMixin):
     """One full-attention layer: exact sinks, packed history, exact residual window.
 
@@ -56,12 +71,7 @@ class SqueezedLayer(CacheLayerMixin):
         """Attend-to keys and values (batch, kv_heads, held + n, head_dim) for new states (…, n, …)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        total = self.store.num_tokens + key_states.shape[-2]
-        if self.max_tokens is not None and total > self.max_tokens:
-            raise ValueError(
-                f"sequence length: {total} tokens exceed the model's context of {self.max_tokens} "
-                f"(max_position_embeddings); shorten the prompt or the number of new tokens"
-            )
+        check_context(self.store.num_tokens + key_states.shape[-2], self.max_tokens)
         keys, values = materialize(self.store, key_states, value_states, self.workspace)
         self.store.append(key_states, value_states)
         return keys, values
@@ -93,10 +103,9 @@ class SqueezedLayer(CacheLayerMixin):
         self.store.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            "crop: SqueezedCache cannot roll back tokens (assisted/speculative decoding); "
-            "use preset 'none' or transformers' DynamicCache for that feature"
-        )
+        """Only ``crop(0)`` (a no-op here): packed tokens cannot be rolled back."""
+        if tokens_to_remove != 0:
+            raise NotImplementedError(CROP_ERROR)
 
     def offload(self) -> None:
         raise NotImplementedError("offload: SqueezedCache does not offload layers yet")
@@ -126,7 +135,7 @@ class SqueezedCache(Cache):
         self.cache_config.check_model(num_kv_heads, head_dim)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.workspace = Workspace()
-        max_tokens = getattr(text_config, "max_position_embeddings", None)
+        self.max_tokens = max_tokens = getattr(text_config, "max_position_embeddings", None)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         layers: list[CacheLayerMixin] = []
         for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
@@ -140,6 +149,26 @@ class SqueezedCache(Cache):
                     f"allowed: {[FULL_ATTENTION, *EXACT_LAYER_TYPES]}"
                 )
         super().__init__(layers=layers)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check the model's context before any layer stores the new tokens, then update ``layer_idx``.
+
+        Checking here (not only in `SqueezedLayer`) keeps every layer's length unchanged when the
+        check fails, exact sliding-window layers of hybrid models included.
+        """
+        layer = self.layers[layer_idx]
+        if key_states is not None and hasattr(layer, "get_seq_length"):
+            check_context(layer.get_seq_length() + key_states.shape[-2], self.max_tokens)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """``crop(0)`` shrinks the exact sliding layers back to their window (as transformers does);
+        any real rollback raises NotImplementedError before touching any layer."""
+        if tokens_to_remove != 0 and any(isinstance(layer, SqueezedLayer) for layer in self.layers):
+            raise NotImplementedError(CROP_ERROR)
+        super().crop(tokens_to_remove)
 
     @classmethod
     def from_model(cls, model: Any, config: str | CacheConfig | dict = "k4v2") -> SqueezedCache:

@@ -31,19 +31,38 @@ def grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def choose_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point (None when symmetric) for ``x`` (B, H, T, D), already rounded to
-    ``spec.scale_dtype`` so that codes are computed against exactly what is stored."""
+    ``spec.scale_dtype`` so that codes are computed against exactly what is stored.
+
+    The scale is rounded up and the zero point down (never to nearest), so every element of a
+    group lies inside the stored code range and no code saturates: the error stays within half
+    a stored scale even where the scale dtype is coarse (e.g. fp16 subnormal scales)."""
     g = grouped(x.float(), spec)
+    dtype = spec.torch_scale_dtype
     if spec.is_fp8:
         fmax = torch.finfo(FP8_DTYPES[spec.format]).max
         scale = g.abs().amax(-1) / fmax
-        return scale.clamp_min(_TINY).to(spec.torch_scale_dtype), None
+        return _round_directed(scale.clamp_min(_TINY), dtype, up=True), None
     if spec.symmetric:
         half = 2 ** (spec.bits - 1) - 1
         scale = g.abs().amax(-1) / max(half, 1)
-        return scale.clamp_min(_TINY).to(spec.torch_scale_dtype), None
+        return _round_directed(scale.clamp_min(_TINY), dtype, up=True), None
     lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / (2**spec.bits - 1)).clamp_min(_TINY).to(spec.torch_scale_dtype)
-    return scale, lo.to(spec.torch_scale_dtype)
+    zero = _round_directed(lo, dtype, up=False)
+    scale = _round_directed(((hi - zero.float()) / (2**spec.bits - 1)).clamp_min(_TINY), dtype, up=True)
+    return scale, zero
+
+
+def _round_directed(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """``x`` (float32) converted to ``dtype``, rounded toward +inf (``up``) or -inf."""
+    y = x.to(dtype)
+    if y.element_size() != 2:  # float32: nothing was rounded
+        return y
+    wrong = y.float() < x if up else y.float() > x
+    bits = y.view(torch.int16)
+    # One step along the float line: +1 on the bit pattern grows |y|, -1 shrinks it; the sign
+    # bit (negative int16) tells which of the two moves toward +inf.
+    step = torch.where(bits >= 0, 1, -1).to(torch.int16)
+    return torch.where(wrong, bits + (step if up else -step), bits).view(dtype)
 
 
 def quantize(

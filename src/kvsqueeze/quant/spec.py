@@ -70,14 +70,15 @@ class QuantSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "format", _choice(Format, "format", self.format))
         object.__setattr__(self, "axis", _choice(Axis, "axis", self.axis))
+        is_int = isinstance(self.bits, int) and not isinstance(self.bits, bool)  # not 4.0 nor True
         if self.format is Format.INT:
-            if self.bits not in INT_BITS:
+            if not is_int or self.bits not in INT_BITS:
                 raise ValueError(
                     f"bits: {self.bits!r} is not supported for integer codes; allowed: {INT_BITS}"
                 )
-        elif self.bits != 8:
+        elif not is_int or self.bits != 8:
             raise ValueError(f"bits: {self.bits!r} is not supported for {self.format.value}; allowed: (8,)")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
             raise ValueError(f"group_size: {self.group_size!r} must be a positive integer")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(
