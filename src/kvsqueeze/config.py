@@ -38,7 +38,7 @@ class CacheConfig:
     sink_tokens: int = 4
     residual_window: int = 128
     block_size: int = 64
-    page_tokens: int = 512
+    page_tokens: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("key", "value"):

@@ -1,0 +1,88 @@
+"""End to end on the embedded SmolLM2-135M model (converted once, cached) and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvsqueeze import SqueezedCache, load_model
+from kvsqueeze.cli import main
+from kvsqueeze.eval.text import default_text_file, load_text
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_model()
+
+
+def _passage_prompt(tokenizer, offset: int) -> dict:
+    text = load_text(default_text_file())[offset : offset + 2500]
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text + "\n\nSummarize the text above in two sentences."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+
+
+@pytest.mark.skipif(default_text_file() is None, reason="needs ../shared/data/wikitext-2-raw-test.txt")
+@pytest.mark.parametrize("offset", [0, 20000])
+def test_int8_same_32_greedy_tokens_as_exact(smollm, offset):
+    model, tokenizer = smollm
+    inputs = _passage_prompt(tokenizer, offset)
+    assert inputs["input_ids"].shape[1] > 500  # long enough that most of the prompt is packed
+
+    def generate(kv):
+        cache = SqueezedCache.from_model(model, kv)
+        with torch.inference_mode():
+            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1] :], cache
+
+    exact, _ = generate("none")
+    int8, cache = generate("int8")
+    assert cache.memory_report().parts["packed_keys"] > 0
+    assert torch.equal(exact, int8)
+
+
+def test_cli_presets_json(capsys):
+    assert main(["presets", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fp16_bytes_per_token"] == 23_040
+    by_name = {r["preset"]: r for r in data["presets"]}
+    assert by_name["k4v4"]["bits_per_element"] == pytest.approx(4.5)
+    assert by_name["k2v2"]["bytes_per_token"] == pytest.approx(23_040 * 3 / 16)
+
+
+def test_cli_generate_streams_and_reports_bytes(capsys):
+    assert main(["generate", "What is the capital of France?", "--kv", "k4v4", "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "Paris" in captured.out
+    assert "KV cache (k4v4)" in captured.err
+
+
+def test_cli_demo_small(tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--presets", "int8,k2v2", "--new-tokens", "6", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["preset"] for r in rows] == ["int8", "k2v2"]
+    assert all(0.0 <= r["agreement"] <= 1.0 and r["first_divergence"] <= 6 for r in rows)
+    assert rows[1]["compression_vs_fp16"] > rows[0]["compression_vs_fp16"] > 1.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["generate", "hi", "--kv", "k9"], "preset: 'k9' is unknown"),
+        (["demo", "--presets", "int8,bogus"], "preset: 'bogus' is unknown"),
+        (["generate", "hi", "--max-new-tokens", "9000"], "exceed the model's context of 8192"),
+        (["generate", "--prompt-file", "/no/such/file.txt"], "prompt_file"),
+        (["presets", "--model", "./no/such/model"], "does not exist"),
+    ],
+)
+def test_cli_bad_input_names_the_field(argv, needle, capsys):
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err.replace("\n", " ")
