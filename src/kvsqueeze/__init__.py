@@ -5,7 +5,13 @@
     cache = SqueezedCache.from_model(model, "k4v2")
     model.generate(**inputs, past_key_values=cache)
 
-Importing kvsqueeze changes nothing in transformers; transformers itself is imported lazily.
+Fused read path (attention computed on the packed codes):
+
+    model, tokenizer = load_model("smollm2-135m", attn_implementation="kvsqueeze")
+    cache = SqueezedCache.from_model(model, "k4v4")  # follows the model: fused
+
+Importing kvsqueeze changes nothing in transformers; transformers itself is imported lazily, and
+``attn_implementation="kvsqueeze"`` exists only after `register()` (called by the two lines above).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any
 
 from .config import PRESETS, CacheConfig, QuantSpec, preset
 
-__all__ = ["PRESETS", "CacheConfig", "QuantSpec", "SqueezedCache", "load_model", "preset"]
+__all__ = ["PRESETS", "CacheConfig", "QuantSpec", "SqueezedCache", "load_model", "preset", "register"]
 __version__ = "0.1.0"
 
 
@@ -23,6 +29,10 @@ def __getattr__(name: str) -> Any:
         from .integrations.cache import SqueezedCache
 
         return SqueezedCache
+    if name == "register":
+        from .integrations.attention import register
+
+        return register
     if name == "load_model":
         from .models import load_model
 

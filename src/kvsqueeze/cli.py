@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import demo, generate, presets
+from .commands import bench, demo, generate, presets
+from .commands import eval as eval_command
 from .commands.common import console
 
-SUBCOMMANDS = (generate, presets, demo)
+SUBCOMMANDS = (generate, presets, demo, bench, eval_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

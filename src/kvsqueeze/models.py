@@ -180,7 +180,8 @@ def load_model(
         name_or_path: a named model (default ``smollm2-135m``), a local folder or a Hugging Face model id.
         dtype: parameter dtype.
         device: torch device string, e.g. ``"cpu"`` or ``"cuda:0"``.
-        attn_implementation: passed to ``from_pretrained`` when given (e.g. ``"eager"``, ``"sdpa"``).
+        attn_implementation: passed to ``from_pretrained`` when given (e.g. ``"eager"``, ``"sdpa"``);
+            ``"kvsqueeze"`` (the fused read path of `SqueezedCache`) is registered first.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer's pad token falls back to its eos token.
@@ -194,6 +195,10 @@ def load_model(
     kwargs: dict = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if attn_implementation == "kvsqueeze":
+        from .integrations.attention import register
+
+        register()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source)

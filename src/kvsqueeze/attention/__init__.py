@@ -1,0 +1,2 @@
+"""Read paths: `reference` (dequantize into a workspace, then any attention) and `fused`
+(attention on the stored codes, through `parts.AttentionParts` behind `packed_view.PackedKV`)."""

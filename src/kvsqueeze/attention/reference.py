@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.dequantize import dequantize_into
 from ..storage.layer import LayerStore
 
 
@@ -60,9 +61,9 @@ def materialize(
         (out_v, store.sink_v, store.packed_v, store.window_v, value),
     ):
         pos = _put(out, 0, sinks.view())
-        if packed.num_tokens:
-            packed.dequantize_into(out[:, :, pos : pos + packed.num_tokens])
-            pos += packed.num_tokens
+        for page in packed.filled():  # natively when the CPU kernels are built (same bits)
+            dequantize_into(page, out[:, :, pos : pos + page.num_tokens])
+            pos += page.num_tokens
         _put(out, _put(out, pos, window.view()), new)
     return out_k, out_v
 

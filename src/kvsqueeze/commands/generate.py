@@ -8,6 +8,8 @@ from pathlib import Path
 from ..config import PRESETS, preset
 from .common import console, model_shape
 
+ATTN_PATHS = {"fused": "kvsqueeze", "reference": None}
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..models import DEFAULT_MODEL
@@ -17,6 +19,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--prompt-file", help="read the prompt from this file")
     gen.add_argument("--model", default=DEFAULT_MODEL, help="named model, local folder or hub id")
     gen.add_argument("--kv", default="k4v2", help=f"KV cache preset: {', '.join(PRESETS)}")
+    gen.add_argument(
+        "--attn",
+        choices=ATTN_PATHS,
+        default="reference",
+        help="read path: fused (attention on the packed codes, attn_implementation='kvsqueeze') "
+        "or reference (dequantize, then SDPA)",
+    )
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not apply the chat template")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -39,7 +48,7 @@ def run(args: argparse.Namespace) -> None:
     prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     if not prompt:
         raise ValueError("prompt: empty; give a prompt argument or --prompt-file PATH")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, attn_implementation=ATTN_PATHS[args.attn])
     if args.chat and tokenizer.chat_template:
         inputs = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}],
@@ -72,6 +81,6 @@ def run(args: argparse.Namespace) -> None:
         )
     report = cache.memory_report()
     console.print(
-        f"[dim]KV cache ({args.kv}): {report.total_bytes:,} bytes for {report.num_tokens} tokens "
+        f"[dim]KV cache ({args.kv}{', fused path' if args.attn == 'fused' else ''}): {report.total_bytes:,} bytes for {report.num_tokens} tokens "
         f"({report.bytes_per_token:,.0f} B/token, {report.ratio_to_fp16:.3f} of an fp16 cache)[/dim]"
     )

@@ -3,6 +3,9 @@
 Names:
 * ``exact`` — transformers' `DynamicCache` (the reference every number is measured against);
 * a kvsqueeze preset (``int8``, ``k4v4``, ...) or a path to a JSON `CacheConfig` (``my.json``);
+  with ``@fused`` (``k4v4@fused``) its fused read path: the model's attention is switched to
+  ``attn_implementation="kvsqueeze"`` (which runs plain SDPA for every other cache, so methods
+  compared on the same model are unaffected); without it, the reference read path;
 * ``quanto-int4``, ``quanto-int2``, ``hqq-int4``, ``hqq-int2``, ... — transformers' `QuantizedCache`
   (group 64, residual 128, its defaults otherwise); needs the optional backend package.
 """
@@ -22,18 +25,26 @@ BASELINE_BACKENDS = {
     "quanto": ("optimum.quanto", "optimum-quanto", (2, 4)),
     "hqq": ("hqq", "hqq", (1, 2, 3, 4, 8)),
 }
+BASELINE_GROUP_SIZE = 64
+FUSED_SUFFIX = "@fused"
+EXACT_BITS = 16.0
 
 
 @dataclass(frozen=True)
 class Method:
-    """A named way to build the cache of one sequence (or batch)."""
+    """A named way to build the cache of one sequence (or batch).
+
+    ``bits_per_element`` is the nominal stored bits per K/V element of the long-context history, scales and
+    zero points included, exact elements counted at 16 bits (as `kvsqueeze presets` does).
+    """
 
     name: str
     make_cache: Callable[[Any], Any] = field(repr=False)
     config: dict = field(default_factory=dict)
+    bits_per_element: float = EXACT_BITS
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "config": self.config}
+        return {"name": self.name, "config": self.config, "bits_per_element": self.bits_per_element}
 
 
 def _exact(model: Any) -> Any:
@@ -42,20 +53,35 @@ def _exact(model: Any) -> Any:
     return DynamicCache(config=model.config)
 
 
-def _squeezed(config: CacheConfig) -> Callable[[Any], Any]:
+def _squeezed(config: CacheConfig, fused: bool = False) -> Callable[[Any], Any]:
     def make(model: Any) -> Any:
+        from ..integrations.attention import use_fused_attention
         from ..integrations.cache import SqueezedCache
 
-        return SqueezedCache.from_model(model, config)
+        if fused:
+            use_fused_attention(model)
+        return SqueezedCache.from_model(model, config, fused=fused)
 
     return make
+
+
+def _fused(name: str) -> Method:
+    """``<preset or config.json>@fused``: the same cache, read by the fused attention."""
+    base = resolve_method(name.removesuffix(FUSED_SUFFIX))
+    if base.config.get("cache") in ("DynamicCache", "QuantizedCache"):
+        raise ValueError(f"method: {name!r}: {FUSED_SUFFIX} applies to kvsqueeze presets and configs only")
+    config = CacheConfig.from_dict(base.config)
+    cfg = {**base.config, "attn_implementation": "kvsqueeze"}
+    return Method(base.name + FUSED_SUFFIX, _squeezed(config, fused=True), cfg, base.bits_per_element)
 
 
 def _baseline(backend: str, bits: int) -> Callable[[Any], Any]:
     def make(model: Any) -> Any:
         from transformers import QuantizedCache
 
-        return QuantizedCache(backend, model.config, nbits=bits, q_group_size=64, residual_length=128)
+        return QuantizedCache(
+            backend, model.config, nbits=bits, q_group_size=BASELINE_GROUP_SIZE, residual_length=128
+        )
 
     return make
 
@@ -74,10 +100,13 @@ def baseline_available(name: str) -> tuple[bool, str]:
 
 def resolve_method(name: str) -> Method:
     """The `Method` for ``name``; ValueError naming the value and the allowed names otherwise."""
+    if name.endswith(FUSED_SUFFIX):
+        return _fused(name)
     if name == "exact":
         return Method("exact", _exact, {"cache": "DynamicCache"})
     if name in PRESETS:
-        return Method(name, _squeezed(PRESETS[name]), PRESETS[name].to_dict())
+        config = PRESETS[name]
+        return Method(name, _squeezed(config), config.to_dict(), config.bits_per_element())
     backend, _, rest = name.partition("-int")
     if backend in BASELINE_BACKENDS and rest.isdigit():
         bits = int(rest)
@@ -88,18 +117,19 @@ def resolve_method(name: str) -> Method:
             "cache": "QuantizedCache",
             "backend": backend,
             "nbits": bits,
-            "q_group_size": 64,
+            "q_group_size": BASELINE_GROUP_SIZE,
             "residual_length": 128,
         }
-        return Method(name, _baseline(backend, bits), cfg)
+        # one 16-bit scale and one 16-bit zero point per group of BASELINE_GROUP_SIZE elements
+        return Method(name, _baseline(backend, bits), cfg, bits + 32 / BASELINE_GROUP_SIZE)
     if name.endswith(".json"):
         path = Path(name)
         if not path.is_file():
             raise ValueError(f"method: config file {name!r} does not exist")
         config = CacheConfig.from_dict(json.loads(path.read_text()))
-        return Method(path.stem, _squeezed(config), config.to_dict())
+        return Method(path.stem, _squeezed(config), config.to_dict(), config.bits_per_element())
     allowed = ["exact", *PRESETS, "quanto-int2", "quanto-int4", "hqq-int<bits>", "<config>.json"]
-    raise ValueError(f"method: {name!r} is unknown; allowed: {allowed}")
+    raise ValueError(f"method: {name!r} is unknown; allowed: {[*allowed, '<preset>@fused']}")
 
 
 def resolve_methods(names: str | list[str]) -> list[Method]:
@@ -107,3 +137,10 @@ def resolve_methods(names: str | list[str]) -> list[Method]:
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     return [resolve_method(n) for n in names]
+
+
+def method_available(method: Method) -> tuple[bool, str]:
+    """Whether ``method`` can run here (transformers baselines need their optional package), and why not."""
+    if method.config.get("cache") != "QuantizedCache":
+        return True, ""
+    return baseline_available(method.name)

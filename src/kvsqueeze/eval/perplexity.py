@@ -218,6 +218,7 @@ def _scored_blocks(
     bounds: Sequence[tuple[int, int]],
     use_cache: bool,
     progress: bool,
+    desc: str = "perplexity",
 ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
     """Stream every window through each factory's cache side by side.
 
@@ -226,7 +227,7 @@ def _scored_blocks(
     """
     device = model.device
     total = windows.shape[0] * len(bounds)
-    with tqdm(total=total, desc="perplexity", unit="chunk", disable=not progress) as bar:
+    with tqdm(total=total, desc=desc, unit="chunk", disable=not progress) as bar:
         for window in windows.to(device):
             streams = [
                 _window_logits(model, window, make, bounds, spec.first_scored_position, use_cache)
@@ -275,6 +276,7 @@ def streamed_perplexity(
     spec: StreamSpec,
     reference: CacheFactory | None = None,
     progress: bool = True,
+    desc: str = "perplexity",
 ) -> PerplexityResult:
     """Perplexity of ``model`` when its KV cache comes from ``make_cache``, streamed as ``spec`` says.
 
@@ -285,13 +287,14 @@ def streamed_perplexity(
             given, it is streamed side by side with the tested cache over the same chunks, and the result
             also carries ``kld_mean``, ``kld_p99``, ``top1_agreement`` and ``reference_ppl``; this doubles
             the forwards but keeps memory at one chunk of logits per cache.
+        desc: label of the progress bar.
     """
     windows = spec.windows(token_ids)
     factories = [make_cache] if reference is None else [make_cache, reference]
     nll, kld, agree, ref_nll = [], [], [], []
     with torch.inference_mode():
         for targets, log_probs in _scored_blocks(
-            model, windows, factories, spec, spec.chunk_bounds(), True, progress
+            model, windows, factories, spec, spec.chunk_bounds(), True, progress, desc
         ):
             nll.append(target_nll(log_probs[0], targets).cpu())
             if reference is not None:
@@ -305,7 +308,7 @@ def streamed_perplexity(
 
 
 def full_sequence_perplexity(
-    model: Any, token_ids: torch.Tensor, spec: StreamSpec, progress: bool = True
+    model: Any, token_ids: torch.Tensor, spec: StreamSpec, progress: bool = True, desc: str = "perplexity"
 ) -> PerplexityResult:
     """Reference path: one cache-free forward per window, scoring the same tokens as the streamed path.
 
@@ -317,7 +320,7 @@ def full_sequence_perplexity(
     nll = []
     with torch.inference_mode():
         for targets, (log_probs,) in _scored_blocks(
-            model, windows, [lambda _model: None], spec, whole_window, False, progress
+            model, windows, [lambda _model: None], spec, whole_window, False, progress, desc
         ):
             nll.append(target_nll(log_probs, targets).cpu())
     return summarize(torch.cat(nll))

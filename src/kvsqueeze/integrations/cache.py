@@ -17,12 +17,15 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from ..attention.packed_view import packed_views
+from ..attention.parts import snapshot
 from ..attention.reference import Workspace, materialize
 from ..config import CacheConfig, resolve_config
 from ..storage.layer import LayerStore
 from .memory import MemoryReport, layer_nbytes
 
 FULL_ATTENTION = "full_attention"
+FUSED_ATTENTION = "kvsqueeze"
 EXACT_LAYER_TYPES = ("sliding_attention", "chunked_attention", "dummy")
 
 
@@ -44,21 +47,26 @@ CROP_ERROR = (
 class SqueezedLayer(CacheLayerMixin):
     """One full-attention layer: exact sinks, packed history, exact residual window.
 
-    `update` returns full-precision keys and values of shape (batch, kv_heads, tokens, head_dim)
-    for this layer's attention (the reference path): the history dequantized into a workspace
-    shared by all layers, the new tokens exact. It then stores the new tokens; tokens that leave
-    the residual window are quantized once, in whole blocks.
+    `update` returns keys and values of shape (batch, kv_heads, tokens, head_dim) for this layer's
+    attention. Reference path: full-precision tensors, the history dequantized into a workspace
+    shared by all layers, the new tokens exact. Fused path (``fused=True``, for
+    ``attn_implementation="kvsqueeze"``): `PackedKV` views of the stored parts, read in place by
+    the kvsqueeze attention (dequantized on demand by any other operation). It then stores the new
+    tokens; tokens that leave the residual window are quantized once, in whole blocks.
     """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, config: CacheConfig, workspace: Workspace, max_tokens: int | None = None) -> None:
+    def __init__(
+        self, config: CacheConfig, workspace: Workspace, max_tokens: int | None = None, fused: bool = False
+    ) -> None:
         super().__init__()
         self.config = config
         self.workspace = workspace
         self.max_tokens = max_tokens
+        self.fused = fused
         self.store = LayerStore(config)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -72,6 +80,10 @@ class SqueezedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         check_context(self.store.num_tokens + key_states.shape[-2], self.max_tokens)
+        if self.fused:
+            parts = snapshot(self.store, key_states, value_states, self.workspace)
+            self.store.append(key_states, value_states)
+            return packed_views(parts)
         keys, values = materialize(self.store, key_states, value_states, self.workspace)
         self.store.append(key_states, value_states)
         return keys, values
@@ -118,15 +130,23 @@ class SqueezedCache(Cache):
 
     Build it for a model with `SqueezedCache.from_model(model, "k4v2")` and pass it as
     ``past_key_values`` to ``model.generate`` or ``model(...)``.
+
+    ``fused`` selects the read path of the layers: the fused path (packed history read in place by
+    ``attn_implementation="kvsqueeze"``) or the reference path. None (default) follows the model:
+    fused when its config's attention implementation is ``"kvsqueeze"``.
     """
 
     def __init__(
         self,
         config: str | CacheConfig | dict,
         model_config: Any,
+        fused: bool | None = None,
     ) -> None:
         self.cache_config = resolve_config(config)
         text_config = model_config.get_text_config(decoder=True)
+        if fused is None:
+            fused = getattr(text_config, "_attn_implementation", None) == FUSED_ATTENTION
+        self.fused = fused
         num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
         head_dim = (
             getattr(text_config, "head_dim", None)
@@ -140,7 +160,7 @@ class SqueezedCache(Cache):
         layers: list[CacheLayerMixin] = []
         for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
             if layer_type == FULL_ATTENTION:
-                layers.append(SqueezedLayer(self.cache_config, self.workspace, max_tokens))
+                layers.append(SqueezedLayer(self.cache_config, self.workspace, max_tokens, fused))
             elif layer_type in EXACT_LAYER_TYPES:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
             else:
@@ -171,9 +191,20 @@ class SqueezedCache(Cache):
         super().crop(tokens_to_remove)
 
     @classmethod
-    def from_model(cls, model: Any, config: str | CacheConfig | dict = "k4v2") -> SqueezedCache:
-        """A cache for ``model`` (any transformers causal LM) from a preset name or a config."""
-        return cls(config, model.config)
+    def from_model(
+        cls, model: Any, config: str | CacheConfig | dict = "k4v2", fused: bool | None = None
+    ) -> SqueezedCache:
+        """A cache for ``model`` (any transformers causal LM) from a preset name or a config.
+
+        With a model whose attention implementation is ``"kvsqueeze"`` (and ``fused`` None or True)
+        the layers take the fused path; the attention is registered first if it is not yet.
+        """
+        cache = cls(config, model.config, fused)
+        if cache.fused:
+            from .attention import register
+
+            register()
+        return cache
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (codes, scales, zero points, sinks, residual,

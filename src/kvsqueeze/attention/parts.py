@@ -1,0 +1,121 @@
+"""`AttentionParts`: one layer's keys and values for one attention call, read in place.
+
+Sequence order: ``[sinks | packed pages | residual window | new tokens]``, as `Segment` runs
+whose keys and values each have one storage format (`ExactTensor` or `PackedTensor`). The new
+tokens and the residual window are exact, as in the reference path (`reference.materialize`).
+
+`snapshot` captures the parts *before* ``store.append`` of the new tokens, without copying the
+history: sinks and pages are only ever written past what is captured, and the residual window is
+cloned (at most ``residual_window`` tokens) only in the steps where the append rewrites it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..kernels.dequantize import dequantize_into
+from ..quant.exact import ExactTensor
+from ..quant.packed import PackedTensor
+from ..storage.layer import LayerStore
+from .reference import Workspace
+
+Part = PackedTensor | ExactTensor
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``num_tokens`` tokens of keys and values, each (batch, kv_heads, >= num_tokens, head_dim).
+
+    A page may hold more tokens than are used; only the first ``num_tokens`` belong to the segment.
+    """
+
+    key: Part
+    value: Part
+    num_tokens: int
+
+    @property
+    def is_exact(self) -> bool:
+        return isinstance(self.key, ExactTensor) and isinstance(self.value, ExactTensor)
+
+
+@dataclass
+class AttentionParts:
+    """The segments of one layer for one step; the last segment holds the new tokens.
+
+    ``shape`` is (batch, kv_heads, total_tokens, head_dim) and ``dtype`` the new tokens' dtype.
+    `dense` dequantizes everything into the reference path's workspace (the fallback when an
+    operation other than the kvsqueeze attention reads the keys or values).
+    """
+
+    segments: tuple[Segment, ...]
+    workspace: Workspace
+    _dense: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def new(self) -> Segment:
+        return self.segments[-1]
+
+    @property
+    def history(self) -> tuple[Segment, ...]:
+        return self.segments[:-1]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.segments)
+
+    @property
+    def shape(self) -> torch.Size:
+        b, h, _, d = self.new.key.values.shape
+        return torch.Size((b, h, self.num_tokens, d))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.new.key.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.new.key.values.device
+
+    def dense(self, index: int) -> torch.Tensor:
+        """Keys (``index`` 0) or values (1), (batch, kv_heads, total_tokens, head_dim), dequantized."""
+        if not self.history:
+            return (self.new.key, self.new.value)[index].values
+        if index not in self._dense:
+            out = self.workspace.get(self.new.key.values, self.num_tokens)[index]
+            pos = 0
+            for seg in self.segments:
+                part = seg.key if index == 0 else seg.value
+                dequantize_into(part.slice_tokens(0, seg.num_tokens), out[:, :, pos : pos + seg.num_tokens])
+                pos += seg.num_tokens
+            self._dense[index] = out
+        return self._dense[index]
+
+
+def snapshot(
+    store: LayerStore, key: torch.Tensor, value: torch.Tensor, workspace: Workspace
+) -> AttentionParts:
+    """The parts for attention over ``store`` plus the new ``key``, ``value`` (batch, kv_heads, n,
+    head_dim). Must be called before ``store.append`` of the same tokens."""
+    segments: list[Segment] = []
+    if store.sink_k.num_tokens:
+        segments.append(_exact(store.sink_k.view(), store.sink_v.view()))
+    page_tokens, left = store.packed_k.page_tokens, store.packed_k.num_tokens
+    for page_k, page_v in zip(store.packed_k.pages, store.packed_v.pages, strict=True):
+        if left <= 0:
+            break
+        segments.append(Segment(page_k, page_v, min(page_tokens, left)))
+        left -= page_tokens
+    window_k, window_v = store.window_k.view(), store.window_v.view()
+    if window_k is not None:
+        plan = store.policy.plan(store.sink_k.num_tokens, store.window_k.num_tokens, key.shape[-2])
+        if plan.to_quantize:  # the append rewrites the window buffer in place
+            window_k, window_v = window_k.clone(), window_v.clone()
+        segments.append(_exact(window_k, window_v))
+    segments.append(_exact(key, value))
+    return AttentionParts(tuple(segments), workspace)
+
+
+def _exact(key: torch.Tensor, value: torch.Tensor) -> Segment:
+    return Segment(ExactTensor(key), ExactTensor(value), key.shape[-2])

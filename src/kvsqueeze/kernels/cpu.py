@@ -1,0 +1,86 @@
+"""Python face of the C++/OpenMP CPU kernels: fused attention over segments, page dequantization.
+
+Both functions raise ValueError for inputs the C++ code does not take (other devices, dtypes,
+shapes); the per-tensor layout (4-D, contiguous rows) is checked in C++ (TORCH_CHECK), since the
+pages `PagedStore` builds always have it and this runs once per layer and step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from ..quant.exact import ExactTensor
+from ..quant.packed import PackedTensor
+from .build import cpu_extension
+from .sources import FLOAT_DTYPES, fp8_tables, source_meta
+
+
+class SegmentLike(Protocol):
+    key: PackedTensor | ExactTensor
+    value: PackedTensor | ExactTensor
+    num_tokens: int
+
+
+def available() -> bool:
+    """Whether the native CPU kernels are built and loaded (builds them on first call)."""
+    return cpu_extension() is not None
+
+
+def fused_attention(
+    query: torch.Tensor,
+    segments: Sequence[SegmentLike],
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    causal: bool,
+) -> torch.Tensor:
+    """Attention of ``query`` (batch, q_heads, q_len, head_dim) over the keys and values of
+    ``segments`` in order, each (batch, kv_heads, >= num_tokens, head_dim), read in place.
+
+    ``attention_mask``: None or (batch | 1, q_heads | 1, q_len, total_tokens), bool (True: attend)
+    or additive float. ``causal`` applies when the mask is None: query i sees tokens up to
+    ``total_tokens - q_len + i``. Returns (batch, q_len, q_heads, head_dim) in the query's dtype.
+    """
+    ext = cpu_extension()
+    if ext is None:
+        raise ValueError("kernel: the native CPU kernels are not available (see the build warning)")
+    if query.device.type != "cpu" or query.dtype not in FLOAT_DTYPES or query.dim() != 4:
+        raise ValueError(
+            f"query: {query.dtype} on {query.device} {tuple(query.shape)}; allowed: 4-D float on cpu"
+        )
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    tensors: list[torch.Tensor] = []
+    meta: list[int] = []
+    for seg in segments:
+        meta += source_meta(seg.key, tensors)
+        meta += source_meta(seg.value, tensors)
+    if attention_mask is not None:
+        if attention_mask.dim() != 4 or attention_mask.shape[-1] != sum(s.num_tokens for s in segments):
+            raise ValueError(
+                f"attention_mask: shape {tuple(attention_mask.shape)}; allowed: (batch|1, heads|1, q_len, total_tokens)"
+            )
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.float()
+    tokens = [s.num_tokens for s in segments]
+    return ext.fused_attention(
+        query, tensors, meta, tokens, attention_mask, float(scaling), causal, fp8_tables()
+    )
+
+
+def dequantize_into(part: PackedTensor, out: torch.Tensor) -> torch.Tensor:
+    """Write ``part`` (batch, heads, tokens, head_dim) dequantized into ``out`` (same shape, float
+    dtype, contiguous rows) with the native kernel; returns ``out``."""
+    ext = cpu_extension()
+    if ext is None:
+        raise ValueError("kernel: the native CPU kernels are not available (see the build warning)")
+    if out.dtype not in FLOAT_DTYPES or out.stride(-1) != 1 or out.device.type != "cpu":
+        raise ValueError(
+            f"out: {out.dtype} on {out.device}; allowed: float32/float16/bfloat16 on cpu, rows contiguous"
+        )
+    tensors: list[torch.Tensor] = []
+    meta = source_meta(part, tensors)
+    ext.dequantize_into(tensors, meta, part.num_tokens, out, fp8_tables())
+    return out

@@ -1,0 +1,176 @@
+// Fused attention over a sequence of segments (exact sinks, packed pages, exact tail), read in
+// place: online softmax per work item (batch, kv head, block of query rows, split of the tokens),
+// then a log-sum-exp merge of the splits (flash-decoding).
+//
+// query (B, Hq, Lq, D); every source (B, Hkv, >= T_seg, D); mask None or (B|1, Hq|1, Lq, T),
+// bool or float32 (additive); causal (used without a mask): query i sees t <= T - Lq + i.
+// Returns (B, Lq, Hq, D) in the query's dtype, the layout transformers' attention functions return.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "decode.h"
+#include "online_softmax.h"
+#include "tile_generic.h"
+#include "tile_packed.h"
+
+namespace kvsqueeze {
+
+namespace {
+
+constexpr int64_t kRowBlock = kRowBlockMax;
+constexpr int64_t kMinSplit = 512;  // fewest tokens worth a split of their own
+
+template <typename scalar_t>
+void load_queries(const at::Tensor& query, const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t nr,
+                  RowState& st) {
+  const scalar_t* q = query.data_ptr<scalar_t>();
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t row = r0 + r, hq = h * p.G + row / p.Lq, i = row % p.Lq;
+    const scalar_t* src = q + b * query.stride(0) + hq * query.stride(1) + i * query.stride(2);
+    for (int64_t c = 0; c < p.D; ++c) st.q[r * p.D + c] = static_cast<float>(src[c]) * p.scaling;
+  }
+  std::fill(st.acc.begin(), st.acc.begin() + nr * p.D, 0.f);
+  std::fill(st.zacc.begin(), st.zacc.begin() + nr * p.D, 0.f);
+  std::fill(st.m.begin(), st.m.begin() + nr, kNegInf);
+  std::fill(st.l.begin(), st.l.begin() + nr, 0.f);
+}
+
+template <typename scalar_t>
+void write_rows(at::Tensor& out, const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t nr,
+                const float* acc, const float* l) {
+  scalar_t* o = out.data_ptr<scalar_t>();
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t row = r0 + r, hq = h * p.G + row / p.Lq, i = row % p.Lq;
+    scalar_t* dst = o + ((b * p.Lq + i) * p.Hq + hq) * p.D;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // rows that see no token give 0
+    for (int64_t c = 0; c < p.D; ++c) dst[c] = static_cast<scalar_t>(acc[r * p.D + c] * inv);
+  }
+}
+
+void merge_splits(at::Tensor& out, const Problem& p, int64_t splits, const at::Tensor& part_m,
+                  const at::Tensor& part_l, const at::Tensor& part_acc, int64_t threads) {
+  const float* pm = part_m.data_ptr<float>();
+  const float* pl = part_l.data_ptr<float>();
+  const float* pa = part_acc.data_ptr<float>();
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> acc(p.D);
+#pragma omp for schedule(static)
+    for (int64_t bhr = 0; bhr < p.B * p.Hkv * p.R; ++bhr) {
+      const int64_t r = bhr % p.R, bh = bhr / p.R;
+      float M = kNegInf, l = 0.f;
+      for (int64_t s = 0; s < splits; ++s) M = std::max(M, pm[(bh * splits + s) * p.R + r]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t s = 0; M != kNegInf && s < splits; ++s) {
+        const int64_t idx = (bh * splits + s) * p.R + r;
+        if (pm[idx] == kNegInf) continue;
+        const float w = std::exp(pm[idx] - M);
+        l += w * pl[idx];
+        for (int64_t c = 0; c < p.D; ++c) acc[c] += w * pa[idx * p.D + c];
+      }
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "kvsqueeze_merge", [&] {
+        write_rows<scalar_t>(out, p, bh / p.Hkv, bh % p.Hkv, r, 1, acc.data(), &l);
+      });
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor fused_attention(const at::Tensor& query, const std::vector<at::Tensor>& tensors,
+                           const std::vector<int64_t>& meta, const std::vector<int64_t>& seg_tokens,
+                           const c10::optional<at::Tensor>& mask_t, double scaling, bool causal,
+                           const at::Tensor& luts) {
+  const int64_t nseg = static_cast<int64_t>(seg_tokens.size());
+  TORCH_CHECK(nseg > 0 && static_cast<int64_t>(meta.size()) == nseg * 2 * kMetaFields, "kvsqueeze: bad meta");
+  TORCH_CHECK(query.dim() == 4 && query.stride(3) == 1, "kvsqueeze: query must be (B, Hq, Lq, D)");
+  std::vector<Source> sources;
+  sources.reserve(2 * nseg);
+  for (int64_t s = 0; s < 2 * nseg; ++s) sources.emplace_back(tensors, meta.data() + s * kMetaFields, luts);
+
+  Problem p;
+  p.B = query.size(0), p.Hq = query.size(1), p.Lq = query.size(2), p.D = query.size(3);
+  p.Hkv = tensors.at(meta[5]).size(1);
+  TORCH_CHECK(p.Hq % p.Hkv == 0, "kvsqueeze: query heads must be a multiple of kv heads");
+  p.G = p.Hq / p.Hkv, p.R = p.G * p.Lq;
+  p.seg_start.assign(1, 0);
+  for (int64_t n : seg_tokens) p.seg_start.push_back(p.seg_start.back() + n);
+  p.T = p.seg_start.back();
+  p.scaling = static_cast<float>(scaling);
+  p.causal = causal;
+  for (int64_t s = 0; s < 2 * nseg; ++s)
+    sources[s].check(tensors, meta.data() + s * kMetaFields, p.B, p.Hkv, seg_tokens[s / 2], p.D);
+  if (mask_t.has_value()) {
+    const at::Tensor& m = *mask_t;
+    TORCH_CHECK(m.dim() == 4 && (m.size(0) == 1 || m.size(0) == p.B) && (m.size(1) == 1 || m.size(1) == p.Hq) &&
+                    m.size(2) == p.Lq && m.size(3) == p.T && (m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat),
+                "kvsqueeze: mask must be (B|1, Hq|1, Lq, T), bool or float32");
+  }
+  const Mask mask(mask_t);
+  std::vector<PackedFn> fast(nseg);
+  for (int64_t s = 0; s < nseg; ++s) fast[s] = packed_reader(sources[2 * s], sources[2 * s + 1], p.D);
+
+  // Work items: (b, h, row block, split); split the tokens only when (b, h, row block) are too few.
+  const int64_t row_blocks = (p.R + kRowBlock - 1) / kRowBlock;
+  const int64_t threads = at::get_num_threads();
+  const int64_t base_items = p.B * p.Hkv * row_blocks;
+  int64_t splits = std::max<int64_t>(1, (8 * threads + base_items - 1) / base_items);
+  splits = std::min(splits, std::max<int64_t>(1, p.T / kMinSplit));
+  const int64_t split_tokens = ((p.T + splits - 1) / splits + kTile - 1) / kTile * kTile;
+  splits = std::max<int64_t>(1, (p.T + split_tokens - 1) / split_tokens);
+  const int64_t items = base_items * splits;
+
+  at::Tensor out = at::empty({p.B, p.Lq, p.Hq, p.D}, query.options());
+  at::Tensor part_m, part_l, part_acc;  // per split: (B, Hkv, splits, R) max and sum, (..., D) output
+  if (splits > 1) {
+    part_m = at::empty({p.B, p.Hkv, splits, p.R}, at::kFloat);
+    part_l = at::empty_like(part_m);
+    part_acc = at::empty({p.B, p.Hkv, splits, p.R, p.D}, at::kFloat);
+  }
+
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<TileDecoder> dec;
+    dec.reserve(sources.size());
+    for (const Source& s : sources) dec.emplace_back(s, p.D);
+    RowState st(std::min(p.R, kRowBlock), p.D);
+    std::vector<float> kbuf(kTile * p.D), vbuf(kTile * p.D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t split = item % splits, rb = (item / splits) % row_blocks;
+      const int64_t h = (item / splits / row_blocks) % p.Hkv, b = item / splits / row_blocks / p.Hkv;
+      const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, p.R - r0);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "kvsqueeze_q",
+                                      [&] { load_queries<scalar_t>(query, p, b, h, r0, nr, st); });
+      const int64_t lo = split * split_tokens, hi = std::min(p.T, lo + split_tokens);
+      for (int64_t s = 0; s < nseg; ++s) {
+        const int64_t seg0 = p.seg_start[s];
+        const int64_t a = std::max(lo, seg0) - seg0, e = std::min(hi, p.seg_start[s + 1]) - seg0;
+        if (a >= e) continue;
+        if (fast[s]) {
+          fast[s](p, mask, b, h, r0, nr, seg0, a, e, sources[2 * s], sources[2 * s + 1], st);
+        } else {
+          attend_generic(p, mask, b, h, r0, nr, seg0, a, e, dec[2 * s], dec[2 * s + 1], kbuf.data(), vbuf.data(), st);
+        }
+      }
+      if (splits == 1) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "kvsqueeze_out", [&] {
+          write_rows<scalar_t>(out, p, b, h, r0, nr, st.acc.data(), st.l.data());
+        });
+      } else {
+        const int64_t base = ((b * p.Hkv + h) * splits + split) * p.R + r0;
+        std::copy_n(st.m.data(), nr, part_m.data_ptr<float>() + base);
+        std::copy_n(st.l.data(), nr, part_l.data_ptr<float>() + base);
+        std::copy_n(st.acc.data(), nr * p.D, part_acc.data_ptr<float>() + base * p.D);
+      }
+    }
+  }
+  if (splits > 1) merge_splits(out, p, splits, part_m, part_l, part_acc, threads);
+  return out;
+}
+
+}  // namespace kvsqueeze

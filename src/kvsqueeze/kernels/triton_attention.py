@@ -1,0 +1,98 @@
+"""Fused attention for CUDA with Triton: the same signature as `kernels.cpu.fused_attention`.
+
+Kept small on purpose. One Triton program per (batch, query head, query token) walks one packed
+page — integer keys grouped per channel, integer values grouped per token (2, 4 or 8 bits, the
+KIVI layout of every integer preset) — in tiles of ``BLOCK_T`` tokens, unpacking the planar codes
+in registers, and returns its output and log-sum-exp. Exact segments (sinks, window, new tokens)
+and any other page format (FP8, 3-bit, other grouping axes) are computed in torch on the
+dequantized page. All partial results are merged by log-sum-exp in torch.
+
+Honest limits: each query head re-reads its KV head's codes (GQA groups are not shared within a
+program; the GPU's L2 absorbs most of it), the merge is in torch, and it is tested only through
+``TRITON_INTERPRET=1`` on CPU tensors, not benchmarked on a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ..quant.exact import ExactTensor
+from ..quant.packed import PackedTensor
+from ..quant.spec import Axis
+
+BLOCK_T = 16
+
+
+def available() -> bool:
+    """Whether triton is installed (and a CUDA device present, outside the interpreter)."""
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+def _kernel_reads(part: PackedTensor | ExactTensor, is_key: bool) -> bool:
+    if not isinstance(part, PackedTensor) or part.spec.is_fp8 or part.spec.bits not in (2, 4, 8):
+        return False
+    return part.spec.axis is (Axis.CHANNEL if is_key else Axis.TOKEN)
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Merge (output (B, Hq, Lq, D), lse (B, Hq, Lq)) pairs by log-sum-exp."""
+    lse = torch.stack([p[1] for p in parts])
+    total = torch.logsumexp(lse, dim=0)
+    weights = torch.exp(lse - total).nan_to_num(0.0)  # a row no part sees gives 0
+    return sum(w.unsqueeze(-1) * p[0] for w, p in zip(weights, parts, strict=True))
+
+
+def _torch_part(q, k, v, bias, scaling):
+    """Partial attention on dense k, v (B, Hkv, n, D); bias (B|1, Hq|1, Lq, n) additive or None."""
+    g = q.shape[1] // k.shape[1]
+    k, v = (x.float().repeat_interleave(g, dim=1) for x in (k, v))
+    s = (q.float() @ k.transpose(-1, -2)) * scaling
+    if bias is not None:
+        s = s + bias
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.softmax(s, dim=-1).nan_to_num(0.0) @ v, lse
+
+
+def _triton_part(q, key, value, n, bias, scaling):
+    from ._triton_page import packed_page_attention
+
+    return packed_page_attention(q, key, value, n, bias, scaling, BLOCK_T)
+
+
+def fused_attention(
+    query: torch.Tensor,
+    segments: Sequence,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    causal: bool,
+) -> torch.Tensor:
+    """Attention of ``query`` (batch, q_heads, q_len, head_dim) over ``segments`` (see
+    `kernels.cpu.fused_attention`); returns (batch, q_len, q_heads, head_dim)."""
+    b, hq, lq, d = query.shape
+    total = sum(s.num_tokens for s in segments)
+    if attention_mask is None:
+        bias = None
+        if causal and lq > 1:
+            visible = torch.arange(total, device=query.device)[None, :] <= (
+                torch.arange(lq, device=query.device)[:, None] + total - lq
+            )
+            bias = torch.zeros(1, 1, lq, total, device=query.device).masked_fill(~visible, -math.inf)
+    elif attention_mask.dtype == torch.bool:
+        bias = torch.zeros(attention_mask.shape, device=query.device).masked_fill(~attention_mask, -math.inf)
+    else:
+        bias = attention_mask.float()
+    parts, pos = [], 0
+    for seg in segments:
+        n = seg.num_tokens
+        seg_bias = None if bias is None else bias[..., pos : pos + n]
+        if _kernel_reads(seg.key, True) and _kernel_reads(seg.value, False):
+            parts.append(_triton_part(query, seg.key, seg.value, n, seg_bias, scaling))
+        else:
+            k, v = (p.slice_tokens(0, n).dequantize(dtype=torch.float32) for p in (seg.key, seg.value))
+            parts.append(_torch_part(query, k, v, seg_bias, scaling))
+        pos += n
+    return _merge(parts).to(query.dtype).transpose(1, 2).contiguous()
