@@ -170,6 +170,8 @@ def test_parse_size_rejects(text):
         (["--batch-sizes", "0"], "--batch-sizes: '0' is not a positive integer"),
         (["--new-tokens", "1"], "--new-tokens: 1 must be an integer >= 2"),
         (["--methods", "k4v4,k4v4"], "--methods: ['k4v4'] given more than once"),
+        (["--threads", "0"], "--threads: 0 must be an integer >= 1"),
+        (["--memory-budget", "1GiB", "--threads", "0"], "--threads: 0 must be an integer >= 1"),
     ],
 )
 def test_bad_input_exits_2_naming_the_field(tiny, capsys, extra, needle):

@@ -35,10 +35,6 @@ class Segment:
     value: Part
     num_tokens: int
 
-    @property
-    def is_exact(self) -> bool:
-        return isinstance(self.key, ExactTensor) and isinstance(self.value, ExactTensor)
-
 
 @dataclass
 class AttentionParts:

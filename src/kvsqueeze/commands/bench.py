@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--new-tokens", type=int, default=16, help="generated tokens per run (TTFT + decode)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per cell; medians are reported")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs per method and batch size")
+    bench.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     bench.add_argument("--dtype", default="float32", help="model and K/V dtype: float32, bfloat16, float16")
     bench.add_argument(
         "--text-file", help="prompt text (default: the WikiText-2 test split, else random ids)"
@@ -117,8 +118,10 @@ def run_speed(
         args.warmup,
         args.dtype,
         None if text_file is None else str(text_file),
+        threads=args.threads,
     )
     config.check_context(getattr(model_config.get_text_config(decoder=True), "max_position_embeddings", None))
+    set_threads(config.threads)
     ids = None
     if text_file is not None:
         ids = tokenize_text(AutoTokenizer.from_pretrained(resolve_model(args.model)), load_text(text_file))
@@ -153,6 +156,9 @@ def run_capacity(
     budget = parse_size(args.memory_budget)
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype: {args.dtype!r} is not supported; allowed: {list(DTYPES)}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: {args.threads} must be an integer >= 1 (omit it for torch's default)")
+    set_threads(args.threads)
     rows = []
     cells = [(m, b) for m in methods for b in batch_sizes]
     for method, batch in tqdm(cells, desc="capacity", disable=not args.progress):
@@ -161,10 +167,17 @@ def run_capacity(
             console.print(f"[yellow]{method.name}: skipped, {rows[-1]['skipped']}[/yellow]")
     wide().print(capacity_table(rows, args.memory_budget, args.model, args.dtype))
     config = {"mode": "capacity", "model": args.model, "methods": [m.name for m in methods]}
-    config.update(
-        memory_budget=args.memory_budget, budget_bytes=budget, batch_sizes=batch_sizes, dtype=args.dtype
-    )
+    config.update(memory_budget=args.memory_budget, budget_bytes=budget, batch_sizes=batch_sizes)
+    config.update(dtype=args.dtype, threads=args.threads)
     save(Path(args.out or "results/capacity.json"), config, {"rows": rows, "skipped_methods": skipped})
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` torch threads for this command (None: leave torch's default)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def wide() -> Console:

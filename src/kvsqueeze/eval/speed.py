@@ -29,7 +29,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """The speed grid. Validated here; the ``bench`` command is a view of it."""
+    """The speed grid. Validated here; the ``bench`` command is a view of it.
+
+    ``threads``: torch intra-op threads for the run (None: torch's default, usually one per core).
+    """
 
     model: str
     methods: tuple[str, ...]
@@ -41,6 +44,7 @@ class BenchConfig:
     dtype: str = "float32"
     text_file: str | None = None
     seed: int = 0
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("methods", "contexts", "batch_sizes"):  # lists (from JSON) become tuples
@@ -57,6 +61,10 @@ class BenchConfig:
             raise ValueError(f"--methods: {repeated} given more than once; give each method once")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype: {self.dtype!r} is not supported; allowed: {list(DTYPES)}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(
+                f"--threads: {self.threads!r} must be an integer >= 1 (omit it for torch's default)"
+            )
 
     def check_context(self, max_tokens: int | None) -> None:
         """Raise if a context plus the generated tokens exceeds the model's ``max_tokens``."""
