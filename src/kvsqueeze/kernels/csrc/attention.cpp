@@ -22,7 +22,8 @@ namespace kvsqueeze {
 namespace {
 
 constexpr int64_t kRowBlock = kRowBlockMax;
-constexpr int64_t kMinSplit = 512;  // fewest tokens worth a split of their own
+constexpr int64_t kMinSplit = 512;            // fewest tokens worth a split of their own
+constexpr int64_t kMinParallelWork = 1 << 14;  // (token, row) pairs below which one thread is faster
 
 template <typename scalar_t>
 void load_queries(const at::Tensor& query, const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t nr,
@@ -51,15 +52,16 @@ void write_rows(at::Tensor& out, const Problem& p, int64_t b, int64_t h, int64_t
   }
 }
 
+// Serial on purpose: splits exist only when (batch x kv heads x row blocks) is small, so this is
+// a few thousand floats, cheaper than another fork/join (which costs a scheduler slice when the
+// machine is oversubscribed).
 void merge_splits(at::Tensor& out, const Problem& p, int64_t splits, const at::Tensor& part_m,
-                  const at::Tensor& part_l, const at::Tensor& part_acc, int64_t threads) {
+                  const at::Tensor& part_l, const at::Tensor& part_acc) {
   const float* pm = part_m.data_ptr<float>();
   const float* pl = part_l.data_ptr<float>();
   const float* pa = part_acc.data_ptr<float>();
-#pragma omp parallel num_threads(threads)
   {
     std::vector<float> acc(p.D);
-#pragma omp for schedule(static)
     for (int64_t bhr = 0; bhr < p.B * p.Hkv * p.R; ++bhr) {
       const int64_t r = bhr % p.R, bh = bhr / p.R;
       float M = kNegInf, l = 0.f;
@@ -116,7 +118,7 @@ at::Tensor fused_attention(const at::Tensor& query, const std::vector<at::Tensor
 
   // Work items: (b, h, row block, split); split the tokens only when (b, h, row block) are too few.
   const int64_t row_blocks = (p.R + kRowBlock - 1) / kRowBlock;
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = p.B * p.Hkv * p.R * p.T < kMinParallelWork ? 1 : at::get_num_threads();
   const int64_t base_items = p.B * p.Hkv * row_blocks;
   int64_t splits = std::max<int64_t>(1, (8 * threads + base_items - 1) / base_items);
   splits = std::min(splits, std::max<int64_t>(1, p.T / kMinSplit));
@@ -169,7 +171,7 @@ at::Tensor fused_attention(const at::Tensor& query, const std::vector<at::Tensor
       }
     }
   }
-  if (splits > 1) merge_splits(out, p, splits, part_m, part_l, part_acc, threads);
+  if (splits > 1) merge_splits(out, p, splits, part_m, part_l, part_acc);
   return out;
 }
 

@@ -35,7 +35,8 @@ void dequantize_into(const std::vector<at::Tensor>& tensors, const std::vector<i
   src.check(tensors, meta.data(), B, H, num_tokens, D);
   const int64_t chunks = (num_tokens + kChunk - 1) / kChunk;
   const int64_t items = B * H * chunks;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, items));
+  const bool small = B * H * num_tokens < 1024;  // a fork/join would cost more than the work
+  const int64_t threads = small ? 1 : std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, items));
 #pragma omp parallel num_threads(threads)
   {
     TileDecoder dec(src, D, out.scalar_type());
