@@ -6,37 +6,20 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from kvsqueeze.cli import main
 from kvsqueeze.eval.methods import baseline_available, resolve_method
 from kvsqueeze.eval.perplexity import StreamSpec
 from kvsqueeze.eval.quality import QualityRow
 from kvsqueeze.eval.retrieval import RetrievalSpec
-from kvsqueeze.models import resolve_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 WINDOW = ["--window", "256", "--windows", "2", "--prefill", "32", "--chunk", "32"]
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=4096,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(folder)
-    return folder
+def tiny_model_dir(tiny_llama_dir) -> Path:
+    return tiny_llama_dir
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from kvsqueeze.eval.methods import resolve_methods
 from kvsqueeze.eval.retrieval import (
@@ -27,19 +27,8 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=4096,
-    )
-    return LlamaForCausalLM(config).eval()
+def tiny_model(tiny_llama) -> LlamaForCausalLM:
+    return tiny_llama
 
 
 def _key_text(tokenizer, input_ids: torch.Tensor, span: tuple[int, int]) -> str:
