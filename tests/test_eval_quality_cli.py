@@ -51,7 +51,8 @@ def _quality(model_dir: Path, text: Path, tmp_path: Path, *extra: str) -> list[s
 
 
 def test_eval_quality_smoke(tiny_model_dir, text_file, tmp_path, capsys) -> None:
-    methods = "exact,k2v2" + (",quanto-int4" if baseline_available("quanto-int4")[0] else "")
+    baselines = [name for name in ("quanto-int4", "hqq-int4") if baseline_available(name)[0]]
+    methods = ",".join(["exact", "k2v2", *baselines])
     argv = _quality(tiny_model_dir, text_file, tmp_path, "--methods", methods, *WINDOW, "--windows", "1")
     assert main(argv) == 0
     captured = capsys.readouterr()
