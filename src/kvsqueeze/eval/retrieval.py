@@ -76,6 +76,13 @@ def _frame(tokenizer: Any, task: RetrievalTask) -> tuple[list[int], list[int]]:
     return bos + _ids(tokenizer, before), _ids(tokenizer, after + "\nAnswer:")
 
 
+def instruction_spans(tokenizer: Any, task: str, num_tokens: int) -> list[tuple[int, int]]:
+    """Token spans ``[start, end)`` of a ``num_tokens`` prompt of ``task`` that are not haystack:
+    the chat template, intro and question (to mark as instructions, see `SqueezedCache.set_roles`)."""
+    before, after = _frame(tokenizer, TASKS[task])
+    return [(0, len(before)), (num_tokens - len(after), num_tokens)]
+
+
 def _needle(tokenizer: Any, task: RetrievalTask, key: str) -> tuple[list[int], int, int]:
     """Needle token ids and the ``[start, end)`` token span of the key's first occurrence within them."""
     text = task.needle.format(key=key)
