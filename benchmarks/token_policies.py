@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -30,7 +31,7 @@ from rich.table import Table
 from transformers import DynamicCache
 
 from kvsqueeze import SqueezedCache, load_model
-from kvsqueeze.config import CacheConfig, TokenPolicy, preset
+from kvsqueeze.config import CacheConfig, QuantSpec, TokenPolicy, preset
 from kvsqueeze.eval.perplexity import StreamSpec, streamed_perplexity
 from kvsqueeze.eval.report import environment, save_results
 from kvsqueeze.eval.retrieval import (
@@ -54,6 +55,18 @@ def methods(evict_only: float, evict_quant: float) -> dict[str, CacheConfig | No
         "exact": None,
         "k2v2": preset("k2v2"),
         "k2v2-instruct": preset("k2v2-instruct"),
+        # the role analogue at <= 25 % of fp16: 2-bit haystack (values in groups of 64), instructions
+        # exact, plus the 1 % of tokens the prompt's last queries attend to most (SnapKV-style) exact
+        "instruct-snap1": preset("k2v2-instruct").replace(
+            value=QuantSpec(bits=2, axis="token", group_size=64),
+            tokens=TokenPolicy(
+                roles={"instruction": "exact"},
+                scorer="attention",
+                pool_size=7,
+                keep_exact=0.01,
+                exact_dtype="float16",
+            ),
+        ),  # fmt: skip
         "k2v2-keep10": preset("k2v2-keep10"),
         "k2v2-keep10-knorm": preset("k2v2-keep10-knorm"),
         f"h2o-evict{round(100 * evict_only)}": CacheConfig(
@@ -64,7 +77,7 @@ def methods(evict_only: float, evict_quant: float) -> dict[str, CacheConfig | No
             tokens=TokenPolicy(default="exact", evict=evict_only, **fp16_exact),
         ),  # fmt: skip
         f"h2o-evict{round(100 * evict_quant)}-k4v2": preset("k4v2").replace(
-            page_tokens=256, tokens=TokenPolicy(default="low", evict=evict_quant, **fp16_exact)
+            page_tokens=64, tokens=TokenPolicy(default="low", evict=evict_quant, **fp16_exact)
         ),
     }
 
@@ -79,8 +92,10 @@ def fraction_of_fp16(cache) -> float:
     return cache.nbytes() / (FP16_BYTES_PER_TOKEN * cache.get_seq_length())
 
 
-def run_passkey(model, tokenizer, configs: dict, seeds: int) -> list[dict]:
-    spec = RetrievalSpec(task="passkey", lengths=(2048,), depths=(0.5, 0.9), num_seeds=seeds)
+def run_passkey(model, tokenizer, configs: dict, seeds: int, chunk: int) -> list[dict]:
+    spec = RetrievalSpec(
+        task="passkey", lengths=(2048,), depths=(0.5, 0.9), num_seeds=seeds, chunk_tokens=chunk
+    )
     eos_ids = {tokenizer.eos_token_id}
     spans = instruction_spans(tokenizer, "passkey", 2048)
     roles = mark_spans(torch.zeros(1, 2048, dtype=torch.int8), spans)
@@ -151,12 +166,13 @@ def figures(results: dict, evict_names: tuple[str, str]) -> list[dict]:
     out = []
     pk = {r["method"]: r for r in results.get("passkey", [])}
     pp = {r["method"]: r for r in results.get("ppl", [])}
-    if {"exact", "k2v2-instruct"} <= pk.keys():
-        e, r = pk["exact"], pk["k2v2-instruct"]
-        met = r["accuracy"] >= e["accuracy"] and r["fraction_of_fp16"] <= 0.25
-        out.append({"figure": "role: passkey(k2v2-instruct) == passkey(exact) at <= 0.25 fp16", "met": met,
-                    "exact": e["accuracy"], "k2v2-instruct": r["accuracy"], "fraction": r["fraction_of_fp16"],
-                    "k2v2": pk.get("k2v2", {}).get("accuracy")})  # fmt: skip
+    for role in ("k2v2-instruct", "instruct-snap1"):
+        if {"exact", role} <= pk.keys():
+            e, r = pk["exact"], pk[role]
+            met = r["accuracy"] >= e["accuracy"] and r["fraction_of_fp16"] <= 0.25
+            out.append({"figure": f"role: passkey({role}) == passkey(exact) at <= 0.25 fp16", "met": met,
+                        "exact": e["accuracy"], role: r["accuracy"], "fraction": r["fraction_of_fp16"],
+                        "k2v2": pk.get("k2v2", {}).get("accuracy")})  # fmt: skip
     for keep in ("k2v2-keep10", "k2v2-keep10-knorm"):
         if {"exact", "k2v2", keep} <= pp.keys():
             e, b, k = pp["exact"]["ppl"], pp["k2v2"], pp[keep]
@@ -209,10 +225,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="passkey,ppl")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--methods", default=None, help="comma-separated subset of the method names")
-    parser.add_argument("--evict-only", type=float, default=0.82, help="evicted fraction, eviction alone")
+    parser.add_argument("--chunk", type=int, default=2048, help="passkey prefill chunk (2048: one forward)")
+    parser.add_argument("--evict-only", type=float, default=0.81, help="evicted fraction, eviction alone")
     parser.add_argument("--evict-quant", type=float, default=0.32, help="evicted fraction, eviction + k4v2")
     parser.add_argument("--out", default="results/token_policies.json")
+    parser.add_argument(
+        "--combine", default=None, help="JSON results of earlier runs (comma-separated): merge, report"
+    )
     args = parser.parse_args(argv)
+    if args.combine:  # parts run as separate processes: one table and one figure list
+        results = {}
+        for path in args.combine.split(","):
+            results.update(
+                {k: v for k, v in json.loads(Path(path).read_text())["results"].items() if k != "figures"}
+            )
+        names = {r["method"] for part in results.values() for r in part}
+        evict = sorted((n for n in names if n.startswith("h2o-")), key=lambda n: "-k" in n)  # alone first
+        results["figures"] = figures(results, tuple(evict))
+        print_tables(results)
+        print(json.dumps({"benchmark": "token_policies", "combined": args.combine, **results}, default=str))
+        return 0
     torch.set_num_threads(1)
     model, tokenizer = load_model("smollm2-135m", attn_implementation="kvsqueeze")
     configs = methods(args.evict_only, args.evict_quant)
@@ -224,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     if "passkey" in parts:
         passkey_configs = {n: c for n, c in configs.items() if "keep10" not in n}
-        results["passkey"] = run_passkey(model, tokenizer, passkey_configs, args.seeds)
+        results["passkey"] = run_passkey(model, tokenizer, passkey_configs, args.seeds, args.chunk)
     if "ppl" in parts:
-        ppl_configs = {n: c for n, c in configs.items() if n != "k2v2-instruct"}
+        ppl_configs = {n: c for n, c in configs.items() if "instruct" not in n}
         ids = tokenize_text(tokenizer, load_text(default_text_file()))
         results["ppl"] = run_ppl(model, ids, ppl_configs)
     results["figures"] = figures(results, evict_names)
@@ -235,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "smollm2-135m",
         "parts": parts,
         "seeds": args.seeds,
+        "passkey_chunk": args.chunk,
         "methods": {n: None if c is None else c.to_dict() for n, c in configs.items()},
     }
     save_results(args.out, config, results)
