@@ -69,6 +69,7 @@ def methods(evict_only: float, evict_quant: float) -> dict[str, CacheConfig | No
         ),  # fmt: skip
         "k2v2-keep10": preset("k2v2-keep10"),
         "k2v2-keep10-knorm": preset("k2v2-keep10-knorm"),
+        "k2v2-keep10-krange": preset("k2v2-keep10-krange"),
         f"h2o-evict{round(100 * evict_only)}": CacheConfig(
             key=None,
             value=None,
@@ -173,7 +174,7 @@ def figures(results: dict, evict_names: tuple[str, str]) -> list[dict]:
             out.append({"figure": f"role: passkey({role}) == passkey(exact) at <= 0.25 fp16", "met": met,
                         "exact": e["accuracy"], role: r["accuracy"], "fraction": r["fraction_of_fp16"],
                         "k2v2": pk.get("k2v2", {}).get("accuracy")})  # fmt: skip
-    for keep in ("k2v2-keep10", "k2v2-keep10-knorm"):
+    for keep in ("k2v2-keep10", "k2v2-keep10-knorm", "k2v2-keep10-krange"):
         if {"exact", "k2v2", keep} <= pp.keys():
             e, b, k = pp["exact"]["ppl"], pp["k2v2"], pp[keep]
             recovered = (b["ppl"] - k["ppl"]) / (b["ppl"] - e)
@@ -236,9 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.combine:  # parts run as separate processes: one table and one figure list
         results = {}
         for path in args.combine.split(","):
-            results.update(
-                {k: v for k, v in json.loads(Path(path).read_text())["results"].items() if k != "figures"}
-            )
+            for part, rows in json.loads(Path(path).read_text())["results"].items():
+                if part != "figures":  # rows of the same part from several runs: first run wins
+                    known = {r["method"] for r in results.setdefault(part, [])}
+                    results[part] += [r for r in rows if r["method"] not in known]
         names = {r["method"] for part in results.values() for r in part}
         evict = sorted((n for n in names if n.startswith("h2o-")), key=lambda n: "-k" in n)  # alone first
         results["figures"] = figures(results, tuple(evict))

@@ -192,6 +192,9 @@ TOKEN_PRESETS: dict[str, CacheConfig] = {
     # importance mixed precision
     "k2v2-keep10": _tokens(_K2V2, TokenPolicy(scorer="attention", keep_exact=0.10, exact_dtype="float16")),
     "k2v2-keep10-knorm": _tokens(_K2V2, TokenPolicy(scorer="knorm", keep_exact=0.10, exact_dtype="float16")),
+    "k2v2-keep10-krange": _tokens(
+        _K2V2, TokenPolicy(scorer="krange", keep_exact=0.10, exact_dtype="float16")
+    ),
     # eviction alone
     "streaming-1k": _tokens(_EXACT, presses.streaming(), residual_window=1024),
     "h2o-50": _tokens(_EXACT, presses.h2o(0.5)),
@@ -212,6 +215,7 @@ PRESET_NOTES: dict[str, str] = {
     "k2v2-instruct": "k2v2, caller-marked instruction spans exact (fp16), window 32",
     "k2v2-keep10": "k2v2, the 10 % most attended tokens exact (fp16); fused path",
     "k2v2-keep10-knorm": "k2v2, the 10 % lowest-key-norm tokens exact (fp16)",
+    "k2v2-keep10-krange": "k2v2, the 10 % tokens stretching the key ranges most exact (fp16)",
     "streaming-1k": "StreamingLLM: 4 sinks + 1024 recent tokens, the rest evicted",
     "h2o-50": "H2O: half of the tokens leaving the window evicted by attention; fused path",
     "snapkv-50": "SnapKV: half evicted by pooled observation-window attention; fused path",

@@ -3,6 +3,11 @@
 `KeyNormScore` (kvpress' knorm): keys with a small L2 norm draw more attention, so the score is
 ``-||k||``; it needs nothing but the keys.
 
+`KeyRangeScore` (for mixed precision, not eviction): how much a token stretches the per-channel
+ranges of the keys it would be quantized with — the sum over channels of the range lost if the token
+is taken out of the group (it is the channel's maximum or minimum). Keeping those tokens exact
+narrows every per-channel scale of their group (KVQuant's dense-and-sparse idea, per token).
+
 `AttentionScore` (H2O heavy hitters, SnapKV observation window): the attention probability each
 undecided token receives from the last ``observe_window`` queries of every forward, summed over
 the query heads of its KV group and accumulated over forwards until the token leaves the window.
@@ -29,6 +34,23 @@ class KeyNormScore:
     def score(self, keys: torch.Tensor) -> torch.Tensor:
         """Keys (batch, kv_heads, tokens, head_dim) -> float32 scores (batch, kv_heads, tokens)."""
         return -keys.float().norm(dim=-1)
+
+
+@dataclass(frozen=True)
+class KeyRangeScore:
+    """Per-channel range lost when the token leaves the group of leaving tokens."""
+
+    def score(self, keys: torch.Tensor) -> torch.Tensor:
+        """Keys (batch, kv_heads, tokens, head_dim) -> float32 scores (batch, kv_heads, tokens)."""
+        k = keys.float()
+        if k.shape[-2] < 2:
+            return torch.zeros(k.shape[:-1], device=k.device)
+        top, top_idx = k.topk(2, dim=-2)
+        low, low_idx = (-k).topk(2, dim=-2)
+        scores = torch.zeros(k.shape[:-1], device=k.device)
+        scores.scatter_add_(-1, top_idx[..., 0, :], top[..., 0, :] - top[..., 1, :])
+        scores.scatter_add_(-1, low_idx[..., 0, :], low[..., 0, :] - low[..., 1, :])
+        return scores
 
 
 @dataclass(frozen=True)

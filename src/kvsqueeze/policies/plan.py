@@ -18,10 +18,10 @@ import torch
 
 from ..quant.spec import QuantSpec
 from .classes import Precision, precision
-from .importance import AttentionScore, KeyNormScore
+from .importance import AttentionScore, KeyNormScore, KeyRangeScore
 from .roles import RolePolicy
 
-SCORERS = ("none", "knorm", "attention")
+SCORERS = ("none", "knorm", "krange", "attention")
 EXACT_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -48,7 +48,8 @@ class TokenPolicy:
         default: class of tokens no rule or budget decides: ``low`` (the config's key/value
             specs), ``high``, ``exact`` or ``evict``.
         roles: `RolePolicy` or dict {role: precision}, e.g. {"text": "exact", "image": "low"}.
-        scorer: importance of tokens: ``none``, ``knorm`` (key norm) or ``attention``
+        scorer: importance of tokens: ``none``, ``knorm`` (key norm), ``krange`` (per-channel key
+            range a token stretches; for keeping tokens exact, not for eviction) or ``attention``
             (needs the fused read path, ``attn_implementation="kvsqueeze"``).
         observe_window, pool_size: of the attention scorer (see `AttentionScore`).
         keep_exact: most important tokens kept exact: a fraction in [0, 1] (float) or a count (int).
@@ -101,8 +102,8 @@ class TokenPolicy:
     def needs_attention(self) -> bool:
         return self.scorer == "attention"
 
-    def key_scorer(self) -> KeyNormScore | None:
-        return KeyNormScore() if self.scorer == "knorm" else None
+    def key_scorer(self) -> KeyNormScore | KeyRangeScore | None:
+        return {"knorm": KeyNormScore(), "krange": KeyRangeScore()}.get(self.scorer)
 
     def attention_scorer(self) -> AttentionScore | None:
         return AttentionScore(self.observe_window, self.pool_size) if self.needs_attention else None
