@@ -167,3 +167,27 @@ def test_lengths_beyond_the_context_name_the_field(tiny_model, tokenizer) -> Non
     spec = RetrievalSpec(lengths=(4092,), depths=(0.5,), num_seeds=1)
     with pytest.raises(ValueError, match=r"lengths=\[4092\]"):
         evaluate_retrieval(tiny_model, tokenizer, resolve_methods("exact"), spec, progress=False)
+
+
+def test_token_policy_caches_get_the_prompt_instructions_marked(tiny_model, tokenizer) -> None:
+    from kvsqueeze.eval.retrieval import instruction_spans, mark_instructions
+    from kvsqueeze.integrations import SqueezedCache
+    from kvsqueeze.policies import Role
+
+    (a, b), (c, d) = instruction_spans(tokenizer, "passkey", 300)
+    input_ids, _, (key_start, _) = make_passkey_prompt(tokenizer, 300, 0.5, 0)
+    assert a == 0 < b < key_start < c < d == 300
+    assert "pass key" in tokenizer.decode(input_ids[0, c:d])  # the question is marked
+    cache = SqueezedCache.from_model(tiny_model, "k2v2-instruct")
+    mark_instructions(cache, tokenizer, "passkey", 300)
+    roles = cache.layers[0].store.roles[0]
+    assert (roles[:b] == Role.INSTRUCTION).all() and (roles[b:c] == Role.TEXT).all()
+    mark_instructions(SqueezedCache.from_model(tiny_model, "k4v4"), tokenizer, "passkey", 300)  # no-op
+    rows = evaluate_retrieval(
+        tiny_model,
+        tokenizer,
+        resolve_methods("k2v2-instruct"),
+        RetrievalSpec(lengths=(300,), depths=(0.5,), num_seeds=1, new_tokens=2, chunk_tokens=64),
+        progress=False,
+    )
+    assert rows[0]["num_trials"] == 1

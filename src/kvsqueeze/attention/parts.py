@@ -11,6 +11,7 @@ cloned (at most ``residual_window`` tokens) only in the steps where the append r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ from ..kernels.dequantize import dequantize_into
 from ..quant.exact import ExactTensor
 from ..quant.packed import PackedTensor
 from ..storage.layer import LayerStore
+from ..storage.mixed import MixedLayerStore
 from .reference import Workspace
 
 Part = PackedTensor | ExactTensor
@@ -47,7 +49,14 @@ class AttentionParts:
 
     segments: tuple[Segment, ...]
     workspace: Workspace
+    on_finish: Callable[[torch.Tensor, float], None] | None = field(default=None, repr=False)
     _dense: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def finish(self, query: torch.Tensor, scaling: float) -> None:
+        """Called by the attention once it has read the parts, with its query (batch, q_heads, q_len,
+        head_dim): a token-policy layer then scores and settles its new tokens."""
+        if self.on_finish is not None:
+            self.on_finish(query, scaling)
 
     @property
     def new(self) -> Segment:
@@ -115,3 +124,19 @@ def snapshot(
 
 def _exact(key: torch.Tensor, value: torch.Tensor) -> Segment:
     return Segment(ExactTensor(key), ExactTensor(value), key.shape[-2])
+
+
+def mixed_snapshot(
+    store: MixedLayerStore, key: torch.Tensor, value: torch.Tensor, workspace: Workspace
+) -> AttentionParts:
+    """The parts for attention over a token-policy ``store`` plus the new ``key``, ``value``
+    (batch, kv_heads, n, head_dim); segments in any class order, the new tokens last. Must be called
+    before ``store.stash`` of the same tokens; the store is not modified until `AttentionParts.finish`."""
+    segments = [Segment(k, v, n) for k, v, n in store.segments()]
+    segments.append(_exact(key, value))
+
+    def finish(query: torch.Tensor, scaling: float) -> None:
+        store.observe(query, scaling)
+        store.settle()
+
+    return AttentionParts(tuple(segments), workspace, finish)

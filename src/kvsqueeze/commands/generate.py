@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> None:
     prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     if not prompt:
         raise ValueError("prompt: empty; give a prompt argument or --prompt-file PATH")
-    model, tokenizer = load_model(args.model, attn_implementation=ATTN_PATHS[args.attn])
+    attn = "fused" if kv.needs_attention else args.attn  # attention scores are read by the fused path
+    model, tokenizer = load_model(args.model, attn_implementation=ATTN_PATHS[attn])
     if args.chat and tokenizer.chat_template:
         inputs = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}],
@@ -66,6 +67,10 @@ def run(args: argparse.Namespace) -> None:
             f"exceed the model's context of {max_tokens} tokens"
         )
     cache = SqueezedCache.from_model(model, kv)
+    if kv.tokens is not None:  # modality placeholders of the model's config; the rest is text
+        from ..policies.roles import roles_from_ids
+
+        cache.set_roles(roles_from_ids(inputs["input_ids"], model.config))
     torch.manual_seed(args.seed)
     with torch.inference_mode():
         model.generate(
@@ -81,6 +86,6 @@ def run(args: argparse.Namespace) -> None:
         )
     report = cache.memory_report()
     console.print(
-        f"[dim]KV cache ({args.kv}{', fused path' if args.attn == 'fused' else ''}): {report.total_bytes:,} bytes for {report.num_tokens} tokens "
+        f"[dim]KV cache ({args.kv}{', fused path' if attn == 'fused' else ''}): {report.total_bytes:,} bytes for {report.num_tokens} tokens "
         f"({report.bytes_per_token:,.0f} B/token, {report.ratio_to_fp16:.3f} of an fp16 cache)[/dim]"
     )

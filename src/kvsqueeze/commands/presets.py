@@ -7,7 +7,7 @@ import json
 
 from rich.table import Table
 
-from ..config import PRESET_NOTES, PRESETS
+from ..config import PRESET_NOTES, PRESETS, TOKEN_PRESETS
 from .common import console, model_shape, out
 
 
@@ -42,8 +42,15 @@ def run(args: argparse.Namespace) -> None:
                 "note": PRESET_NOTES[name],
             }
         )
+    tokens = [{"preset": n, "config": c.to_dict(), "note": PRESET_NOTES[n]} for n, c in TOKEN_PRESETS.items()]
     if args.json:
-        print(json.dumps({"model": args.model, "fp16_bytes_per_token": fp16, "presets": rows}, indent=2))
+        payload = {
+            "model": args.model,
+            "fp16_bytes_per_token": fp16,
+            "presets": rows,
+            "token_presets": tokens,
+        }
+        print(json.dumps(payload, indent=2))
         return
     table = Table(
         title=f"Presets for {args.model} ({layers} layers x {heads} KV heads x head_dim {head_dim})"
@@ -61,6 +68,12 @@ def run(args: argparse.Namespace) -> None:
             r["note"],
         )
     out.print(table)
+    more = Table(title="Token-policy presets (per-token precision / eviction; bytes depend on the text)")
+    for col in ("preset", "what"):
+        more.add_column(col)
+    for r in tokens:
+        more.add_row(r["preset"], r["note"])
+    out.print(more)
     console.print(
         "bytes/token: packed history incl. scales and zero points, all layers, K+V; exact sinks and the "
         "residual window add a fixed amount per sequence ('none' counted at fp16 here)."

@@ -106,6 +106,8 @@ def predictor(method: Method, shape: KVShape, dtype_bytes: int) -> Callable[[int
     if "cache" in method.config:
         return None  # transformers' QuantizedCache: its size depends on when the residual was flushed
     config = CacheConfig.from_dict(method.config)
+    if config.tokens is not None:
+        return None  # token policies: bytes depend on roles and scores, measured by the speed bench
     return lambda n, b: squeezed_bytes(config, shape, n, b, dtype_bytes)
 
 

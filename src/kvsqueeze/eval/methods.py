@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS, CacheConfig
+from ..config import PRESETS, TOKEN_PRESETS, CacheConfig, preset
 
 BASELINE_BACKENDS = {
     "quanto": ("optimum.quanto", "optimum-quanto", (2, 4)),
@@ -54,6 +54,8 @@ def _exact(model: Any) -> Any:
 
 
 def _squeezed(config: CacheConfig, fused: bool = False) -> Callable[[Any], Any]:
+    fused = fused or config.needs_attention  # attention scores are read by the fused attention
+
     def make(model: Any) -> Any:
         from ..integrations.attention import use_fused_attention
         from ..integrations.cache import SqueezedCache
@@ -104,8 +106,8 @@ def resolve_method(name: str) -> Method:
         return _fused(name)
     if name == "exact":
         return Method("exact", _exact, {"cache": "DynamicCache"})
-    if name in PRESETS:
-        config = PRESETS[name]
+    if name in PRESETS or name in TOKEN_PRESETS:
+        config = preset(name)
         return Method(name, _squeezed(config), config.to_dict(), config.bits_per_element())
     backend, _, rest = name.partition("-int")
     if backend in BASELINE_BACKENDS and rest.isdigit():
@@ -128,7 +130,15 @@ def resolve_method(name: str) -> Method:
             raise ValueError(f"method: config file {name!r} does not exist")
         config = CacheConfig.from_dict(json.loads(path.read_text()))
         return Method(path.stem, _squeezed(config), config.to_dict(), config.bits_per_element())
-    allowed = ["exact", *PRESETS, "quanto-int2", "quanto-int4", "hqq-int<bits>", "<config>.json"]
+    allowed = [
+        "exact",
+        *PRESETS,
+        *TOKEN_PRESETS,
+        "quanto-int2",
+        "quanto-int4",
+        "hqq-int<bits>",
+        "<config>.json",
+    ]
     raise ValueError(f"method: {name!r} is unknown; allowed: {[*allowed, '<preset>@fused']}")
 
 

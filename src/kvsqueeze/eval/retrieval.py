@@ -76,6 +76,25 @@ def _frame(tokenizer: Any, task: RetrievalTask) -> tuple[list[int], list[int]]:
     return bos + _ids(tokenizer, before), _ids(tokenizer, after + "\nAnswer:")
 
 
+def instruction_spans(tokenizer: Any, task: str, num_tokens: int) -> list[tuple[int, int]]:
+    """Token spans ``[start, end)`` of a ``num_tokens`` prompt of ``task`` that are not haystack:
+    the chat template, intro and question (to mark as instructions, see `SqueezedCache.set_roles`)."""
+    before, after = _frame(tokenizer, TASKS[task])
+    return [(0, len(before)), (num_tokens - len(after), num_tokens)]
+
+
+def mark_instructions(cache: Any, tokenizer: Any, task: str, num_tokens: int) -> None:
+    """Give a cache with a token policy the roles of a ``task`` prompt: template, intro and question
+    are instructions, the haystack is text (a no-op for other caches)."""
+    config = getattr(cache, "cache_config", None)
+    if config is None or config.tokens is None:
+        return
+    from ..policies.roles import mark_spans
+
+    roles = torch.zeros(1, num_tokens, dtype=torch.int8)
+    cache.set_roles(mark_spans(roles, instruction_spans(tokenizer, task, num_tokens)))
+
+
 def _needle(tokenizer: Any, task: RetrievalTask, key: str) -> tuple[list[int], int, int]:
     """Needle token ids and the ``[start, end)`` token span of the key's first occurrence within them."""
     text = task.needle.format(key=key)
@@ -277,7 +296,9 @@ def evaluate_retrieval(
                     input_ids = input_ids.to(model.device)
                     for method in methods:
                         start = time.perf_counter()
-                        ids = answer_ids(model, input_ids, method.make_cache(model), spec, eos_ids)
+                        cache = method.make_cache(model)
+                        mark_instructions(cache, tokenizer, spec.task, num_tokens)
+                        ids = answer_ids(model, input_ids, cache, spec, eos_ids)
                         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
                         cell = cells[(method.name, num_tokens, depth)]
                         cell["seconds"] += time.perf_counter() - start

@@ -63,15 +63,16 @@ def kvsqueeze_attention(
     (batch, kv_heads, kv_len, head_dim) -> ((batch, q_len, q_heads, head_dim), None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    parts = parts_of(key)
+    parts = owner = parts_of(key)
     if parts is not None and not parts.history:  # prefill of an empty cache: plain SDPA on the new tokens
         key, value = parts.new.key.values, parts.new.value.values
         parts = None
     backend = None if parts is None else fused_backend(query.device)
     unsupported = dropout or any(kwargs.get(k) is not None for k in UNSUPPORTED_KWARGS)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if parts is None or backend is None or unsupported or kwargs.get("output_attentions"):
         key, value = _dense(key), _dense(value)
-        return sdpa_attention_forward(
+        out = sdpa_attention_forward(
             module,
             query,
             key,
@@ -82,6 +83,9 @@ def kvsqueeze_attention(
             is_causal=is_causal,
             **kwargs,
         )
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return fused_attention(query, parts, attention_mask, scale, bool(causal), backend), None
+    else:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        out = fused_attention(query, parts, attention_mask, scale, bool(causal), backend), None
+    if owner is not None:  # token policies score and settle the new tokens after the read
+        owner.finish(query, scale)
+    return out

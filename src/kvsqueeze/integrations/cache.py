@@ -18,10 +18,11 @@ from transformers.cache_utils import (
 )
 
 from ..attention.packed_view import packed_views
-from ..attention.parts import snapshot
+from ..attention.parts import mixed_snapshot, snapshot
 from ..attention.reference import Workspace, materialize
 from ..config import CacheConfig, resolve_config
 from ..storage.layer import LayerStore
+from ..storage.mixed import MixedLayerStore
 from .memory import MemoryReport, layer_nbytes
 
 FULL_ATTENTION = "full_attention"
@@ -67,7 +68,7 @@ class SqueezedLayer(CacheLayerMixin):
         self.workspace = workspace
         self.max_tokens = max_tokens
         self.fused = fused
-        self.store = LayerStore(config)
+        self.store = LayerStore(config) if config.tokens is None else MixedLayerStore(config)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -79,7 +80,9 @@ class SqueezedLayer(CacheLayerMixin):
         """Attend-to keys and values (batch, kv_heads, held + n, head_dim) for new states (…, n, …)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        check_context(self.store.num_tokens + key_states.shape[-2], self.max_tokens)
+        check_context(self.get_seq_length() + key_states.shape[-2], self.max_tokens)
+        if isinstance(self.store, MixedLayerStore):
+            return self._update_mixed(key_states, value_states)
         if self.fused:
             parts = snapshot(self.store, key_states, value_states, self.workspace)
             self.store.append(key_states, value_states)
@@ -88,11 +91,28 @@ class SqueezedLayer(CacheLayerMixin):
         self.store.append(key_states, value_states)
         return keys, values
 
+    def _update_mixed(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-policy layer: read the held classes plus the new tokens, stash the new tokens; they
+        are scored and settled once the attention has read them (`AttentionParts.finish`, called by
+        the kvsqueeze attention; right here on the reference path)."""
+        self.store.settle()  # no-op unless an attention other than kvsqueeze read the last views
+        parts = mixed_snapshot(self.store, key, value, self.workspace)
+        self.store.stash(key, value)
+        if self.fused:
+            return packed_views(parts)
+        keys, values = parts.dense(0), parts.dense(1)
+        self.store.settle()
+        return keys, values
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.store.num_tokens + query_length, 0
+        """(kv_length, kv_offset): the held tokens are presented as the most recent positions, so the
+        causal mask stays right when tokens were evicted (as transformers' sliding-window layers do)."""
+        held = self.store.num_tokens
+        return held + query_length, self.get_seq_length() - held
 
     def get_seq_length(self) -> int:
-        return self.store.num_tokens
+        """Tokens seen so far (positions); more than the tokens held once some were evicted."""
+        return getattr(self.store, "num_seen", self.store.num_tokens)
 
     def get_max_length(self) -> int:
         return -1
@@ -153,6 +173,13 @@ class SqueezedCache(Cache):
             or text_config.hidden_size // text_config.num_attention_heads
         )
         self.cache_config.check_model(num_kv_heads, head_dim)
+        model_fused = getattr(text_config, "_attn_implementation", None) == FUSED_ATTENTION
+        if self.cache_config.needs_attention and not (fused and model_fused):
+            raise ValueError(
+                "tokens.scorer: 'attention' needs the fused read path (the kvsqueeze attention sees the "
+                "queries); load the model with attn_implementation='kvsqueeze' (fused stays None or True); "
+                "allowed on the reference path: scorer 'knorm' or 'none'"
+            )
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.workspace = Workspace()
         self.max_tokens = max_tokens = getattr(text_config, "max_position_embeddings", None)
@@ -205,6 +232,20 @@ class SqueezedCache(Cache):
 
             register()
         return cache
+
+    def set_roles(self, roles: torch.Tensor) -> None:
+        """Token roles (batch, tokens) int (`kvsqueeze.policies.Role`) of the prompt, before the
+        prefill: position i of every sequence gets ``roles[:, i]``; later tokens are text. See
+        `kvsqueeze.policies.roles_from_ids` (image/video/audio ids of a model) and `mark_spans`."""
+        if self.cache_config.tokens is None:
+            raise ValueError("roles: this cache has no token policy (CacheConfig.tokens is None)")
+        if roles.dim() != 2:
+            raise ValueError(f"roles: shape {tuple(roles.shape)}; allowed: (batch, tokens)")
+        for layer in self.layers:
+            if isinstance(layer, SqueezedLayer):
+                if layer.get_seq_length():
+                    raise ValueError("roles: set them before the prefill (this cache already holds tokens)")
+                layer.store.roles = roles.to(torch.int8)
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (codes, scales, zero points, sinks, residual,
