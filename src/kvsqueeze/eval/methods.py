@@ -13,7 +13,6 @@ Names:
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +125,7 @@ def resolve_method(name: str) -> Method:
         path = Path(name)
         if not path.is_file():
             raise ValueError(f"method: config file {name!r} does not exist")
-        config = CacheConfig.from_dict(json.loads(path.read_text()))
+        config = CacheConfig.load(path)
         return Method(path.stem, _squeezed(config), config.to_dict(), config.bits_per_element())
     allowed = ["exact", *PRESETS, "quanto-int2", "quanto-int4", "hqq-int<bits>", "<config>.json"]
     raise ValueError(f"method: {name!r} is unknown; allowed: {[*allowed, '<preset>@fused']}")

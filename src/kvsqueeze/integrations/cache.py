@@ -7,6 +7,7 @@ window of tokens, so quantizing them saves little; `memory_report` lists their b
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -22,7 +23,9 @@ from ..attention.parts import snapshot
 from ..attention.reference import Workspace, materialize
 from ..config import CacheConfig, resolve_config
 from ..storage.layer import LayerStore
+from ..storage.transform import PageTransform, layer_transforms
 from .memory import MemoryReport, layer_nbytes
+from .rope import rope_for
 
 FULL_ATTENTION = "full_attention"
 FUSED_ATTENTION = "kvsqueeze"
@@ -60,14 +63,19 @@ class SqueezedLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(
-        self, config: CacheConfig, workspace: Workspace, max_tokens: int | None = None, fused: bool = False
+        self,
+        config: CacheConfig,
+        workspace: Workspace,
+        max_tokens: int | None = None,
+        fused: bool = False,
+        transforms: tuple[PageTransform | None, PageTransform | None] = (None, None),
     ) -> None:
         super().__init__()
         self.config = config
         self.workspace = workspace
         self.max_tokens = max_tokens
         self.fused = fused
-        self.store = LayerStore(config)
+        self.store = LayerStore(config, *transforms)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -133,7 +141,12 @@ class SqueezedCache(Cache):
 
     ``fused`` selects the read path of the layers: the fused path (packed history read in place by
     ``attn_implementation="kvsqueeze"``) or the reference path. None (default) follows the model:
-    fused when its config's attention implementation is ``"kvsqueeze"``.
+    fused when its config's attention implementation is ``"kvsqueeze"``. Configs the native kernels
+    cannot read (codebooks, outliers, rotations, pre-RoPE keys: ``CacheConfig.kernel_readable``)
+    always take the reference path (a warning says so when ``fused=True`` was asked for).
+
+    ``pre_rope_keys`` needs a model with standard RoPE (`integrations.rope.rope_for`); elsewhere
+    the cache warns and keeps post-RoPE keys.
     """
 
     def __init__(
@@ -144,15 +157,29 @@ class SqueezedCache(Cache):
     ) -> None:
         self.cache_config = resolve_config(config)
         text_config = model_config.get_text_config(decoder=True)
+        asked = fused
         if fused is None:
             fused = getattr(text_config, "_attn_implementation", None) == FUSED_ATTENTION
+        if fused and not self.cache_config.kernel_readable:
+            if asked:
+                warnings.warn(
+                    "fused: this config (codebook/outlier formats, rotation or pre-RoPE keys) is read by the "
+                    "reference path only; using it",
+                    stacklevel=2,
+                )
+            fused = False
         self.fused = fused
         num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
         head_dim = (
             getattr(text_config, "head_dim", None)
             or text_config.hidden_size // text_config.num_attention_heads
         )
-        self.cache_config.check_model(num_kv_heads, head_dim)
+        self.cache_config.check_model(num_kv_heads, head_dim, text_config.num_hidden_layers)
+        self.rope = None
+        if self.cache_config.pre_rope_keys:
+            self.rope, why = rope_for(text_config, head_dim)
+            if self.rope is None:
+                warnings.warn(f"pre_rope_keys: falling back to post-RoPE keys: {why}", stacklevel=2)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.workspace = Workspace()
         self.max_tokens = max_tokens = getattr(text_config, "max_position_embeddings", None)
@@ -160,7 +187,9 @@ class SqueezedCache(Cache):
         layers: list[CacheLayerMixin] = []
         for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
             if layer_type == FULL_ATTENTION:
-                layers.append(SqueezedLayer(self.cache_config, self.workspace, max_tokens, fused))
+                layer_config = self.cache_config.for_layer(index)
+                transforms = layer_transforms(layer_config, head_dim, self.rope)
+                layers.append(SqueezedLayer(layer_config, self.workspace, max_tokens, fused, transforms))
             elif layer_type in EXACT_LAYER_TYPES:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
             else:
@@ -200,11 +229,34 @@ class SqueezedCache(Cache):
         the layers take the fused path; the attention is registered first if it is not yet.
         """
         cache = cls(config, model.config, fused)
+        cache.warn_if_unsafe(model)
         if cache.fused:
             from .attention import register
 
             register()
         return cache
+
+    def warn_if_unsafe(self, model: Any) -> list[str]:
+        """Warn (and return the reasons) when the config is predicted to turn this model's keys or
+        values into noise (`calibration.risk`, from the weights; ``kvsqueeze inspect`` measures it)."""
+        from ..calibration.risk import check_config, profiles_from_weights
+
+        if self.cache_config.is_exact:
+            return []
+        profiles = profiles_from_weights(model)
+        inv_freq = None
+        if not self.cache_config.pre_rope_keys or self.rope is None:
+            rope, _ = rope_for(model.config.get_text_config(decoder=True), self.head_dim)
+            inv_freq = None if rope is None else rope.inv_freq
+        problems = check_config(profiles, self.cache_config, inv_freq)
+        if problems:
+            shown = "; ".join(problems[:3]) + (f"; ... {len(problems) - 3} more" if len(problems) > 3 else "")
+            warnings.warn(
+                f"this cache config is predicted UNSAFE for this model ({shown}); run `kvsqueeze inspect "
+                "--model ...` and pick its predicted safe configuration",
+                stacklevel=3,
+            )
+        return problems
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (codes, scales, zero points, sinks, residual,
