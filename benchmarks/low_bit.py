@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvsqueeze import load_model
+from kvsqueeze.calibration.bundled import bundled_config
 from kvsqueeze.config import CacheConfig, QuantSpec
 from kvsqueeze.eval.methods import Method, _squeezed, resolve_method
 from kvsqueeze.eval.perplexity import StreamSpec, streamed_perplexity
@@ -75,6 +76,21 @@ CANDIDATES: dict[str, CacheConfig] = {
         **PRE,
         **ROTV,
     ),
+    # second round
+    "k4g128o1-v4-pre-rotv": _cfg(_spec(4, "channel", 128, outlier_fraction=0.01), _spec(4, "token", 64), 128, **PRE, **ROTV),
+    "k4g128-v2o1-pre-rotv": _cfg(_spec(4, "channel", 128), _spec(2, "token", 64, outlier_fraction=0.01), 128, **PRE, **ROTV),
+    "k4g128o1-nf2symo1-pre-rotv": _cfg(
+        _spec(4, "channel", 128, outlier_fraction=0.01), _spec(2, "token", 64, **NFSYM, outlier_fraction=0.01), 128, **PRE, **ROTV
+    ),
+    "k4-nf2symo1-pre-rotv": _cfg(_spec(4, "channel", 64), _spec(2, "token", 64, **NFSYM, outlier_fraction=0.01), **PRE, **ROTV),
+    "k3g128o025-nf2sym-pre-rotv": _cfg(
+        _spec(3, "channel", 128, outlier_fraction=0.0025), _spec(2, "token", 64, **NFSYM), 128, **PRE, **ROTV
+    ),
+    "k3g128-nf2symo025-pre-rotv": _cfg(
+        _spec(3, "channel", 128), _spec(2, "token", 64, **NFSYM, outlier_fraction=0.0025), 128, **PRE, **ROTV
+    ),
+    "k3g128-nf2sym-pre": _cfg(_spec(3, "channel", 128), _spec(2, "token", 64, **NFSYM), 128, **PRE),
+    "k3g128-nf2sym": _cfg(_spec(3, "channel", 128), _spec(2, "token", 64, **NFSYM), 128),
 }
 
 
@@ -90,11 +106,12 @@ def resolve(name: str) -> list[Method]:
     return [resolve_method(name)]
 
 
-def stored_bits(config: dict, model_config) -> tuple[float | None, float | None]:
-    """(bits/element, bytes/token over all layers) of the packed history, every stored byte counted."""
+def stored_bits(config: dict, model_config, name: str = "") -> tuple[float | None, float | None]:
+    """(bits/element, bytes/token over all layers) of the packed history, every stored byte counted
+    (for a best-* preset: the bundled calibration the cache really uses on this model)."""
     if config.get("cache"):
         return None, None
-    cfg = CacheConfig.from_dict(config)
+    cfg = bundled_config(name, model_config) or CacheConfig.from_dict(config)
     text = model_config.get_text_config(decoder=True)
     layers, heads = text.num_hidden_layers, text.num_key_value_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -120,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method in methods:
         res = streamed_perplexity(model, ids, method.make_cache, spec, reference=exact.make_cache, progress=False)
-        bits, per_token = stored_bits(method.config, model.config)
+        bits, per_token = stored_bits(method.config, model.config, method.name)
         row = {"method": method.name, "bits_per_element": bits, "bytes_per_token": per_token, **res.to_dict()}
         rows.append(row)
         console.print(

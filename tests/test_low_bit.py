@@ -286,3 +286,39 @@ def test_risk_check_flags_bias_outliers_for_per_token_keys() -> None:
     assert set(profiles_from_weights(tiny())) == {0, 1}
     for name in ("k4v4", "best-3bit"):
         assert not check_config(profiles_from_weights(tiny()), PRESETS[name], None)
+
+
+def test_best_presets_use_the_bundled_calibration_of_the_embedded_model() -> None:
+    smollm2 = LlamaConfig(
+        num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+        head_dim=64, vocab_size=49152, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    )  # fmt: skip
+    for name, limit in (("best-4bit", 4.6), ("best-3bit", 3.6), ("best-2bit", 2.8)):
+        cache = SqueezedCache(name, smollm2)
+        cfg = cache.cache_config
+        assert len(cfg.layer_overrides) == 30 and cfg != PRESETS[name]
+        assert 8 * cfg.bytes_per_token(30, 3, 64) / (2 * 30 * 3 * 64) <= limit
+        assert cache.layers[8].config == cfg.for_layer(8)
+    assert SqueezedCache("best-3bit", tiny().config).cache_config == PRESETS["best-3bit"]  # no match: generic
+
+
+def test_calibrate_end_to_end_on_a_tiny_model_round_trips(tmp_path) -> None:
+    from kvsqueeze.calibration.run import calibrate, save
+
+    ids = torch.randint(1, 256, (600,), generator=torch.Generator().manual_seed(2))
+    base = CacheConfig(
+        key=QuantSpec(bits=3, axis="channel", group_size=32),
+        value=QuantSpec(bits=3, axis="token", group_size=64, format="nf", symmetric=True),
+        block_size=32, pre_rope_keys=True, rotate_values=True,
+    )  # fmt: skip
+    data = calibrate(tiny(), ids, base, 3.0, (2, 4), num_tokens=256, prefill_tokens=64, score_tokens=16, log=lambda m: None)
+    cal = data["calibration"]
+    assert cal["tokens"] == [344, 600] and "last 256 tokens" in cal["slice"]
+    assert set(cal["sensitivity"]) == {"key", "value"} and set(cal["sensitivity"]["key"]) == {"0", "1"}
+    path = save(data, tmp_path / "c.json", "tiny", "random ids")
+    cfg = CacheConfig.load(path)
+    assert cfg.bits_per_element(num_layers=2) <= 3.0 + 1e-9 and len(cfg.layer_overrides) == 2
+    assert all(o.value.codebook is not None for o in cfg.layer_overrides if o.value.bits <= 4)
+    reused = calibrate(tiny(), ids, base, 4.0, (2, 4), 256, 64, 16, log=lambda m: None, reuse=cal)
+    assert reused["calibration"]["sensitivity"] == cal["sensitivity"]
+    logits(cfg, chunks=(100, 40, 1))  # the calibrated config runs

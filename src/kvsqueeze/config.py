@@ -267,16 +267,16 @@ PRESETS: dict[str, CacheConfig] = {
         key=QuantSpec(bits=4, axis="channel", group_size=64),
         value=QuantSpec(bits=4, axis="token", group_size=64),
         pre_rope_keys=True,
-        rotate_values=True,
     ),
     "best-3bit": CacheConfig(
-        key=QuantSpec(bits=3, axis="channel", group_size=64),
-        value=QuantSpec(bits=3, axis="token", group_size=64),
+        key=QuantSpec(bits=4, axis="channel", group_size=128),
+        value=QuantSpec(bits=2, axis="token", group_size=64, format="nf", outlier_fraction=0.01),
+        block_size=128,
         pre_rope_keys=True,
         rotate_values=True,
     ),
     "best-2bit": CacheConfig(
-        key=QuantSpec(bits=3, axis="channel", group_size=128),
+        key=QuantSpec(bits=3, axis="channel", group_size=128, outlier_fraction=0.0025),
         value=QuantSpec(bits=2, axis="token", group_size=64, format="nf", symmetric=True),
         block_size=128,
         pre_rope_keys=True,
@@ -291,9 +291,9 @@ PRESET_NOTES: dict[str, str] = {
     "k4v4": "4-bit KIVI: keys per-channel, values per-token, group 64",
     "k4v2": "4-bit keys per-channel (g64), 2-bit values per-token (g32)",
     "k2v2": "2-bit KIVI-2: group 32, residual 128",
-    "best-4bit": "most accurate <= 4.6 b/el: pre-RoPE int4 keys, Hadamard-rotated int4 values",
-    "best-3bit": "most accurate <= 3.6 b/el: pre-RoPE int3 keys, Hadamard-rotated int3 values",
-    "best-2bit": "most accurate <= 2.8 b/el: pre-RoPE int3 keys g128, rotated NF2 values (scale only)",
+    "best-4bit": "most accurate <= 4.6 b/el: pre-RoPE int4 keys (g64), int4 values (g64)",
+    "best-3bit": "most accurate <= 3.6 b/el: pre-RoPE int4 keys (g128), rotated NF2 values + 1% outliers",
+    "best-2bit": "most accurate <= 2.8 b/el: pre-RoPE int3 keys (g128) + 0.25% outliers, rotated NF2 values",
 }
 
 

@@ -93,9 +93,12 @@ def calibrate(
     choice = allocate(sens, spec_for, target_bits)
     config = base.replace(layer_overrides=overrides(choice, spec_for))
     achieved = config.bits_per_element(num_layers=text.num_hidden_layers)
+    from .bundled import fingerprint
+
     return {
         "config": config.to_dict(),
         "calibration": {
+            "model_fingerprint": fingerprint(model.config),
             "tokens": [start, token_ids.numel()],
             "total_tokens": token_ids.numel(),
             "slice": f"the last {num_tokens} tokens of the text (token ids [{start}, {token_ids.numel()})); "
@@ -119,6 +122,10 @@ def calibrate(
 def save(data: dict, path: str | Path, model_name: str, text_file: str) -> Path:
     """Write a calibration file (the model and text recorded beside the config)."""
     data["calibration"] = {"model": model_name, "text_file": str(text_file), **data["calibration"]}
+    return _write(data, path)
+
+
+def _write(data: dict, path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1))

@@ -52,7 +52,7 @@ def _exact(model: Any) -> Any:
     return DynamicCache(config=model.config)
 
 
-def _squeezed(config: CacheConfig, fused: bool = False) -> Callable[[Any], Any]:
+def _squeezed(config: CacheConfig | str, fused: bool = False) -> Callable[[Any], Any]:
     def make(model: Any) -> Any:
         from ..integrations.attention import use_fused_attention
         from ..integrations.cache import SqueezedCache
@@ -103,9 +103,9 @@ def resolve_method(name: str) -> Method:
         return _fused(name)
     if name == "exact":
         return Method("exact", _exact, {"cache": "DynamicCache"})
-    if name in PRESETS:
+    if name in PRESETS:  # by name: best-* presets pick a bundled calibration matching the model
         config = PRESETS[name]
-        return Method(name, _squeezed(config), config.to_dict(), config.bits_per_element())
+        return Method(name, _squeezed(name), config.to_dict(), config.bits_per_element())
     backend, _, rest = name.partition("-int")
     if backend in BASELINE_BACKENDS and rest.isdigit():
         bits = int(rest)

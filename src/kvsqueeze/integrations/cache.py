@@ -145,6 +145,9 @@ class SqueezedCache(Cache):
     cannot read (codebooks, outliers, rotations, pre-RoPE keys: ``CacheConfig.kernel_readable``)
     always take the reference path (a warning says so when ``fused=True`` was asked for).
 
+    A ``best-*`` preset name resolves to a bundled per-layer calibration when one matches the model
+    (`calibration.bundled`; the embedded SmolLM2-135M has one), else to the generic preset.
+
     ``pre_rope_keys`` needs a model with standard RoPE (`integrations.rope.rope_for`); elsewhere
     the cache warns and keeps post-RoPE keys.
     """
@@ -155,6 +158,10 @@ class SqueezedCache(Cache):
         model_config: Any,
         fused: bool | None = None,
     ) -> None:
+        if isinstance(config, str):  # best-* presets: the bundled calibration when it fits this model
+            from ..calibration.bundled import bundled_config
+
+            config = bundled_config(config, model_config) or config
         self.cache_config = resolve_config(config)
         text_config = model_config.get_text_config(decoder=True)
         asked = fused
