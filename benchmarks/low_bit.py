@@ -69,7 +69,9 @@ CANDIDATES: dict[str, CacheConfig] = {
     "k2v2g64": _cfg(_spec(2, "channel", 64), _spec(2, "token", 64)),
     "k2v2g64-pre-rotv": _cfg(_spec(2, "channel", 64), _spec(2, "token", 64), **PRE, **ROTV),
     "nf2-pre-rotv": _cfg(_spec(2, "channel", 64, "nf"), _spec(2, "token", 64, "nf"), **PRE, **ROTV),
-    "k3g128-nf2sym-pre-rotv": _cfg(_spec(3, "channel", 128), _spec(2, "token", 64, **NFSYM), 128, **PRE, **ROTV),
+    "k3g128-nf2sym-pre-rotv": _cfg(
+        _spec(3, "channel", 128), _spec(2, "token", 64, **NFSYM), 128, **PRE, **ROTV
+    ),
     "nf2o075-pre-rotv": _cfg(
         _spec(2, "channel", 64, "nf", outlier_fraction=0.0075),
         _spec(2, "token", 64, "nf", outlier_fraction=0.0075),
@@ -77,12 +79,22 @@ CANDIDATES: dict[str, CacheConfig] = {
         **ROTV,
     ),
     # second round
-    "k4g128o1-v4-pre-rotv": _cfg(_spec(4, "channel", 128, outlier_fraction=0.01), _spec(4, "token", 64), 128, **PRE, **ROTV),
-    "k4g128-v2o1-pre-rotv": _cfg(_spec(4, "channel", 128), _spec(2, "token", 64, outlier_fraction=0.01), 128, **PRE, **ROTV),
-    "k4g128o1-nf2symo1-pre-rotv": _cfg(
-        _spec(4, "channel", 128, outlier_fraction=0.01), _spec(2, "token", 64, **NFSYM, outlier_fraction=0.01), 128, **PRE, **ROTV
+    "k4g128o1-v4-pre-rotv": _cfg(
+        _spec(4, "channel", 128, outlier_fraction=0.01), _spec(4, "token", 64), 128, **PRE, **ROTV
     ),
-    "k4-nf2symo1-pre-rotv": _cfg(_spec(4, "channel", 64), _spec(2, "token", 64, **NFSYM, outlier_fraction=0.01), **PRE, **ROTV),
+    "k4g128-v2o1-pre-rotv": _cfg(
+        _spec(4, "channel", 128), _spec(2, "token", 64, outlier_fraction=0.01), 128, **PRE, **ROTV
+    ),
+    "k4g128o1-nf2symo1-pre-rotv": _cfg(
+        _spec(4, "channel", 128, outlier_fraction=0.01),
+        _spec(2, "token", 64, **NFSYM, outlier_fraction=0.01),
+        128,
+        **PRE,
+        **ROTV,
+    ),
+    "k4-nf2symo1-pre-rotv": _cfg(
+        _spec(4, "channel", 64), _spec(2, "token", 64, **NFSYM, outlier_fraction=0.01), **PRE, **ROTV
+    ),
     "k3g128o025-nf2sym-pre-rotv": _cfg(
         _spec(3, "channel", 128, outlier_fraction=0.0025), _spec(2, "token", 64, **NFSYM), 128, **PRE, **ROTV
     ),
@@ -131,12 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     text_file = args.text_file or default_text_file()
     model, tokenizer = load_model("smollm2-135m")
     ids = tokenize_text(tokenizer, load_text(text_file))
-    spec = StreamSpec(window_tokens=args.window_tokens, num_windows=args.windows, prefill_tokens=256, chunk_tokens=64)
+    spec = StreamSpec(
+        window_tokens=args.window_tokens, num_windows=args.windows, prefill_tokens=256, chunk_tokens=64
+    )
     methods = [m for name in args.methods.split(",") if name.strip() for m in resolve(name.strip())]
     exact = resolve_method("exact")
     rows = []
     for method in methods:
-        res = streamed_perplexity(model, ids, method.make_cache, spec, reference=exact.make_cache, progress=False)
+        res = streamed_perplexity(
+            model, ids, method.make_cache, spec, reference=exact.make_cache, progress=False
+        )
         bits, per_token = stored_bits(method.config, model.config, method.name)
         row = {"method": method.name, "bits_per_element": bits, "bytes_per_token": per_token, **res.to_dict()}
         rows.append(row)
@@ -144,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{method.name}: {bits:.3f} b/el, ppl {res.ppl:.4f} (exact {res.reference_ppl:.4f}), "
             f"{res.delta_pct:+.3f} % +- {res.delta_pct_stderr:.3f}, KLD {res.kld_mean:.5f}"
         )
-    table = Table(title=f"Streamed PPL, WikiText-2 ({args.windows} x {args.window_tokens}, prefill 256, chunks 64)")
+    table = Table(
+        title=f"Streamed PPL, WikiText-2 ({args.windows} x {args.window_tokens}, prefill 256, chunks 64)"
+    )
     for col in ("method", "bits/el", "bytes/token", "PPL", "Δ % ± err", "KLD", "top-1"):
         table.add_column(col, justify="right")
     if rows:
@@ -160,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['kld_mean']:.5f}",
             f"{r['top1_agreement']:.4f}",
         )
-    Console().print(table)
+    Console(width=140).print(table)
     config = {
         "model": "smollm2-135m",
         "text_file": str(text_file),
@@ -169,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         "methods": {m.name: m.config for m in methods},
     }
     save_results(args.out, config, {"quality": rows})
-    print(json.dumps({"benchmark": "low_bit", "config": config, "environment": environment(), "quality": rows}))
+    print(
+        json.dumps({"benchmark": "low_bit", "config": config, "environment": environment(), "quality": rows})
+    )
     return 0
 
 

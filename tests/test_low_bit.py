@@ -66,7 +66,12 @@ def test_rotation_keeps_scores_and_spreads_outliers() -> None:
 
 
 def test_rope_matches_transformers_and_inverts() -> None:
-    config = LlamaConfig(hidden_size=128, num_attention_heads=2, head_dim=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config = LlamaConfig(
+        hidden_size=128,
+        num_attention_heads=2,
+        head_dim=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
     rot = LlamaRotaryEmbedding(config)
     x = torch.randn(1, 2, 40, 64)
     pos = torch.arange(7, 47)[None]
@@ -86,7 +91,7 @@ def test_rope_matches_transformers_and_inverts() -> None:
 def test_normal_float_codebook(bits: int) -> None:
     levels = normal_float(bits)
     assert len(levels) == 2**bits and levels[0] == -1 and levels[-1] == 1
-    assert all(b > a for a, b in zip(levels, levels[1:]))
+    assert all(b > a for a, b in zip(levels, levels[1:], strict=False))
     assert levels == tuple(-v for v in reversed(levels))  # symmetric
 
 
@@ -116,7 +121,7 @@ def test_codebook_codes_pack_and_dequantize(bits: int, axis: str, symmetric: boo
     page = PackedTensor.from_float(x, spec)
     assert torch.equal(page.dequantize(), back)
     # error at most half the widest gap between levels, times the group scale
-    gap = max(b - a for a, b in zip(spec.levels, spec.levels[1:])) / 2
+    gap = max(b - a for a, b in zip(spec.levels, spec.levels[1:], strict=False)) / 2
     s = scale.float().repeat_interleave(64, -1 if axis == "token" else -2)
     assert ((back - x).abs() <= gap * s * 1.001 + 1e-4).all()
 
@@ -166,7 +171,11 @@ def test_outlier_validation() -> None:
     with pytest.raises(ValueError, match="outlier_fraction"):
         QuantSpec(outlier_fraction=0.5)
     with pytest.raises(ValueError, match="outlier_tokens: 64 does not divide block_size 32"):
-        CacheConfig(key=QuantSpec(bits=2, axis="channel", group_size=32, outlier_fraction=0.01), block_size=32, residual_window=128)
+        CacheConfig(
+            key=QuantSpec(bits=2, axis="channel", group_size=32, outlier_fraction=0.01),
+            block_size=32,
+            residual_window=128,
+        )
 
 
 # --------------------------------------------------------------------------- caches on a tiny model
@@ -202,7 +211,11 @@ INT8 = dict(
 
 @pytest.mark.parametrize(
     "changes",
-    [{"pre_rope_keys": True}, {"rotate_values": True}, {"rotate_keys": True, "pre_rope_keys": True, "rotate_values": True}],
+    [
+        {"pre_rope_keys": True},
+        {"rotate_values": True},
+        {"rotate_keys": True, "pre_rope_keys": True, "rotate_values": True},
+    ],
 )
 def test_transformed_cache_matches_plain_at_8_bits(changes: dict) -> None:
     exact = logits(None)
@@ -218,7 +231,10 @@ def test_pre_rope_with_exact_specs_is_exact_and_transforms_are_used() -> None:
     cfg = CacheConfig(**INT8, pre_rope_keys=True, rotate_values=True)
     cache = SqueezedCache.from_model(tiny(), cfg)
     layer = cache.layers[0]
-    assert layer.store.packed_k.transform.rope is not None and layer.store.packed_v.transform.rotation is not None
+    assert (
+        layer.store.packed_k.transform.rope is not None
+        and layer.store.packed_v.transform.rotation is not None
+    )
     assert not cache.fused and not cfg.kernel_readable and PRESETS["k4v4"].kernel_readable
 
 
@@ -235,7 +251,12 @@ def test_best_presets_within_budget_and_fall_back_from_fused() -> None:
 
 
 def test_pre_rope_falls_back_cleanly_without_standard_rope() -> None:
-    config = tiny().config.__class__(**{**tiny().config.to_dict(), "rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}})
+    config = tiny().config.__class__(
+        **{
+            **tiny().config.to_dict(),
+            "rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+        }
+    )
     with pytest.warns(UserWarning, match="pre_rope_keys: falling back"):
         cache = SqueezedCache(CacheConfig(**INT8, pre_rope_keys=True), config)
     assert cache.rope is None and cache.layers[0].store.packed_k.transform is None
@@ -261,7 +282,10 @@ def test_allocation_spends_the_budget_where_it_helps() -> None:
         "key": {0: {2: 1.0, 4: 0.0}, 1: {2: 0.01, 4: 0.0}},
         "value": {0: {2: 0.02, 4: 0.0}, 1: {2: 0.5, 4: 0.0}},
     }
-    base = {"key": QuantSpec(bits=4, axis="channel", group_size=64), "value": QuantSpec(bits=4, group_size=64)}
+    base = {
+        "key": QuantSpec(bits=4, axis="channel", group_size=64),
+        "value": QuantSpec(bits=4, group_size=64),
+    }
 
     def spec_for(kind: str, layer: int, bits: int) -> QuantSpec:
         return with_bits(base[kind], bits)
@@ -282,7 +306,9 @@ def test_risk_check_flags_bias_outliers_for_per_token_keys() -> None:
     assert predicted_error(ChannelProfile(std, torch.zeros(2, 64)), per_token, rotated=False) < 0.3
     profiles = {0: (prof, ChannelProfile(std, torch.zeros(2, 64)))}
     bad = CacheConfig(key=per_token, value=QuantSpec(bits=4, group_size=64))
-    assert check_config(profiles, bad, None) and not check_config(profiles, PRESETS["k4v4"].replace(pre_rope_keys=True), None)
+    assert check_config(profiles, bad, None) and not check_config(
+        profiles, PRESETS["k4v4"].replace(pre_rope_keys=True), None
+    )
     assert set(profiles_from_weights(tiny())) == {0, 1}
     for name in ("k4v4", "best-3bit"):
         assert not check_config(profiles_from_weights(tiny()), PRESETS[name], None)
@@ -311,7 +337,9 @@ def test_calibrate_end_to_end_on_a_tiny_model_round_trips(tmp_path) -> None:
         value=QuantSpec(bits=3, axis="token", group_size=64, format="nf", symmetric=True),
         block_size=32, pre_rope_keys=True, rotate_values=True,
     )  # fmt: skip
-    data = calibrate(tiny(), ids, base, 3.0, (2, 4), num_tokens=256, prefill_tokens=64, score_tokens=16, log=lambda m: None)
+    data = calibrate(
+        tiny(), ids, base, 3.0, (2, 4), num_tokens=256, prefill_tokens=64, score_tokens=16, log=lambda m: None
+    )
     cal = data["calibration"]
     assert cal["tokens"] == [344, 600] and "last 256 tokens" in cal["slice"]
     assert set(cal["sensitivity"]) == {"key", "value"} and set(cal["sensitivity"]["key"]) == {"0", "1"}

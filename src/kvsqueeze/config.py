@@ -201,7 +201,9 @@ class CacheConfig:
         add a fixed amount per sequence on top; `SqueezedCache.nbytes` counts everything held.
         """
         if self.layer_overrides:
-            return sum(c.bytes_per_token(1, num_kv_heads, head_dim, exact_bytes) for c in self._layers(num_layers))
+            return sum(
+                c.bytes_per_token(1, num_kv_heads, head_dim, exact_bytes) for c in self._layers(num_layers)
+            )
         per_elem = num_kv_heads * head_dim
         total = 0.0
         for spec in (self.key, self.value):

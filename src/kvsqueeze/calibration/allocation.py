@@ -61,12 +61,17 @@ def measure(
             sens[kind][layer] = {}
             for bits in bits_menu:
                 spec = spec_for(kind, layer, bits)
-                over = LayerOverride(layer, spec if kind == "key" else None, spec if kind == "value" else None)
+                over = LayerOverride(
+                    layer, spec if kind == "key" else None, spec if kind == "value" else None
+                )
                 cfg = probe.replace(layer_overrides=(over,))
                 logits = _score(model, ids, lambda cfg=cfg: SqueezedCache(cfg, model.config), prefill)
                 sens[kind][layer][bits] = _kl(exact, logits)
             if progress:
-                progress(f"{kind} layer {layer}: " + ", ".join(f"{b}b {v:.5f}" for b, v in sens[kind][layer].items()))
+                progress(
+                    f"{kind} layer {layer}: "
+                    + ", ".join(f"{b}b {v:.5f}" for b, v in sens[kind][layer].items())
+                )
     return sens
 
 
@@ -80,7 +85,9 @@ def allocate(sens: Sensitivity, spec_for: SpecFor, target_bits: float) -> dict[t
     total = sum(cost(k, layer, b) for (k, layer), b in choice.items())
     budget = target_bits * len(choice)
     if total > budget + 1e-9:
-        raise ValueError(f"target_bits: {target_bits} is below the lowest width's {total / len(choice):.3f} b/el")
+        raise ValueError(
+            f"target_bits: {target_bits} is below the lowest width's {total / len(choice):.3f} b/el"
+        )
     while True:
         best = None
         for (kind, layer), bits in choice.items():
@@ -102,7 +109,11 @@ def allocate(sens: Sensitivity, spec_for: SpecFor, target_bits: float) -> dict[t
 def overrides(choice: dict[tuple[str, int], int], spec_for: SpecFor) -> tuple[LayerOverride, ...]:
     layers = sorted({layer for _, layer in choice})
     return tuple(
-        LayerOverride(layer, spec_for("key", layer, choice[("key", layer)]), spec_for("value", layer, choice[("value", layer)]))
+        LayerOverride(
+            layer,
+            spec_for("key", layer, choice[("key", layer)]),
+            spec_for("value", layer, choice[("value", layer)]),
+        )
         for layer in layers
     )
 

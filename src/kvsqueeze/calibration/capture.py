@@ -30,7 +30,12 @@ def capture(model: Any, token_ids: torch.Tensor, pre_rope: Rope | None = None) -
 
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=token_ids[None].to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(
+            input_ids=token_ids[None].to(model.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
     keys, values = {}, {}
     for index, layer in enumerate(cache.layers):
         if getattr(layer, "is_sliding", False) or getattr(layer, "keys", None) is None:

@@ -30,7 +30,9 @@ def inspect_model(model: Any, token_ids: torch.Tensor) -> dict:
             continue
         keys = pre.keys if (cfg.pre_rope_keys and rope is not None) else post.keys
         k_err = max(relative_error(keys[i], cfg.key, cfg.rotate_keys, cfg.rotation_seed) for i in keys)
-        v_err = max(relative_error(pre.values[i], cfg.value, cfg.rotate_values, cfg.rotation_seed) for i in keys)
+        v_err = max(
+            relative_error(pre.values[i], cfg.value, cfg.rotate_values, cfg.rotation_seed) for i in keys
+        )
         inv_freq = None if rope is None or cfg.pre_rope_keys else rope.inv_freq
         presets[name] = {
             "bits_per_element": cfg.bits_per_element(),

@@ -67,7 +67,9 @@ def predicted_error(
 
 
 def check_config(
-    profiles: dict[int, tuple[ChannelProfile, ChannelProfile]], config: CacheConfig, inv_freq: torch.Tensor | None
+    profiles: dict[int, tuple[ChannelProfile, ChannelProfile]],
+    config: CacheConfig,
+    inv_freq: torch.Tensor | None,
 ) -> list[str]:
     """Warnings for the layers where ``config`` is predicted unsafe (empty: predicted safe).
 
@@ -97,7 +99,12 @@ def profiles_from_weights(model: Any) -> dict[int, tuple[ChannelProfile, Channel
     out = {}
     for index, layer in enumerate(layers or []):
         attn, norm = getattr(layer, "self_attn", None), getattr(layer, "input_layernorm", None)
-        if attn is None or norm is None or not hasattr(attn, "k_proj") or getattr(attn, "k_norm", None) is not None:
+        if (
+            attn is None
+            or norm is None
+            or not hasattr(attn, "k_proj")
+            or getattr(attn, "k_norm", None) is not None
+        ):
             return {}
         with torch.no_grad():
             scale = norm.weight.float()

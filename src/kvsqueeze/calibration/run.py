@@ -70,7 +70,10 @@ def calibrate(
     if reuse is not None and "codebooks" in reuse:
         codebooks = {k: {int(layer): {int(b): tuple(v) for b, v in per.items()} for layer, per in d.items()}
                      for k, d in reuse["codebooks"].items()}  # fmt: skip
-    for kind, spec, rotated in (("key", base.key, base.rotate_keys), ("value", base.value, base.rotate_values)):
+    for kind, spec, rotated in (
+        ("key", base.key, base.rotate_keys),
+        ("value", base.value, base.rotate_values),
+    ):
         if spec.is_codebook and not any(codebooks[kind].values()):
             data = got.keys if kind == "key" else got.values
             for layer in layers:
@@ -109,11 +112,15 @@ def calibrate(
             "sensitivity_protocol": f"one layer and tensor kind quantized at a time, {base.sink_tokens} sinks + "
             f"{prefill_tokens} prefilled tokens all quantized (no residual window), mean KL(exact || quantized) "
             f"of the next {score_tokens} predictions",
-            "sensitivity": {k: {str(layer): {str(b): v for b, v in d.items()} for layer, d in per.items()}
-                            for k, per in sens.items()},  # fmt: skip
+            "sensitivity": {
+                k: {str(layer): {str(b): v for b, v in d.items()} for layer, d in per.items()}
+                for k, per in sens.items()
+            },  # fmt: skip
             "allocation": {f"{k}.{layer}": b for (k, layer), b in sorted(choice.items())},
-            "codebooks": {k: {str(layer): {str(b): list(v) for b, v in per.items()} for layer, per in d.items()}
-                          for k, d in codebooks.items()},  # fmt: skip
+            "codebooks": {
+                k: {str(layer): {str(b): list(v) for b, v in per.items()} for layer, per in d.items()}
+                for k, d in codebooks.items()
+            },  # fmt: skip
             "layer_stats": {str(layer): {k: _r(v) for k, v in s.items()} for layer, s in stats.items()},
         },
     }

@@ -17,16 +17,28 @@ from .common import console
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..models import DEFAULT_MODEL
 
-    p = sub.add_parser("calibrate", help="fit per-layer codebooks and bit allocation on text; save a config file")
+    p = sub.add_parser(
+        "calibrate", help="fit per-layer codebooks and bit allocation on text; save a config file"
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="named model, local folder or hub id")
     p.add_argument("--text-file", default=None, help="calibration text (default: the WikiText-2 test file)")
-    p.add_argument("--preset", default="best-3bit", help="base configuration: preset name or config .json (formats, transforms, window)")
-    p.add_argument("--target-bits", type=float, default=None, help="average bits/element (default: the preset's)")
+    p.add_argument(
+        "--preset",
+        default="best-3bit",
+        help="base configuration: preset name or config .json (formats, transforms, window)",
+    )
+    p.add_argument(
+        "--target-bits", type=float, default=None, help="average bits/element (default: the preset's)"
+    )
     p.add_argument("--bits", default="2,3,4", help="bit widths a layer may get")
-    p.add_argument("--tokens", type=int, default=1024, help="calibration tokens, taken from the END of the text")
+    p.add_argument(
+        "--tokens", type=int, default=1024, help="calibration tokens, taken from the END of the text"
+    )
     p.add_argument("--prefill", type=int, default=256, help="quantized context per sensitivity probe")
     p.add_argument("--score", type=int, default=64, help="scored predictions per sensitivity probe")
-    p.add_argument("--reuse", default=None, help="earlier calibration file: reuse its sensitivities, redo allocation")
+    p.add_argument(
+        "--reuse", default=None, help="earlier calibration file: reuse its sensitivities, redo allocation"
+    )
     p.add_argument("--out", default="calibration.json")
     p.set_defaults(func=run)
 

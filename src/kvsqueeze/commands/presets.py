@@ -23,9 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
-    from ..models import resolve_model
-
     from ..calibration.bundled import bundled_config
+    from ..models import resolve_model
 
     model_config = AutoConfig.from_pretrained(resolve_model(args.model))
     layers, heads, head_dim, _ = model_shape(model_config)

@@ -24,7 +24,10 @@ def rope_for(text_config: Any, head_dim: int) -> tuple[Rope | None, str]:
     """(`Rope`, "") for a model with standard RoPE, else (None, why pre-RoPE keys are not possible)."""
     model_type = getattr(text_config, "model_type", None)
     if model_type not in STANDARD_ROPE_MODELS:
-        return None, f"model_type {model_type!r} is not among the standard-RoPE families {STANDARD_ROPE_MODELS}"
+        return (
+            None,
+            f"model_type {model_type!r} is not among the standard-RoPE families {STANDARD_ROPE_MODELS}",
+        )
     params = dict(getattr(text_config, "rope_parameters", None) or {})
     rope_type = params.get("rope_type", "default")
     if rope_type not in STATIC_ROPE_TYPES:

@@ -39,7 +39,7 @@ def check_codebook(levels: tuple[float, ...], bits: int, field: str = "codebook"
         raise ValueError(f"{field}: {len(levels)} levels given; {bits} bits need exactly {n}")
     if any(not math.isfinite(v) or abs(v) > 1 for v in levels):
         raise ValueError(f"{field}: {levels!r} has levels outside [-1, 1]; allowed: finite values in [-1, 1]")
-    if any(b <= a for a, b in zip(levels, levels[1:])):
+    if any(b <= a for a, b in zip(levels, levels[1:], strict=False)):
         raise ValueError(f"{field}: {levels!r} must be strictly increasing")
 
 
@@ -49,7 +49,9 @@ def encode(normalized: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(normalized.contiguous(), bounds.to(normalized.device)).to(torch.uint8)
 
 
-def lloyd_max(samples: torch.Tensor, bits: int, iterations: int = 40, init: tuple[float, ...] | None = None) -> tuple[float, ...]:
+def lloyd_max(
+    samples: torch.Tensor, bits: int, iterations: int = 40, init: tuple[float, ...] | None = None
+) -> tuple[float, ...]:
     """Levels of ``bits`` bits minimizing the squared error of ``samples`` (1-D, values in [-1, 1]).
 
     Starts from ``init`` (default the NF codebook) and alternates nearest-level assignment and

@@ -55,7 +55,9 @@ def split_outliers(
     return dense.reshape(b, h, t, d), index.to(INDEX_DTYPE), value.to(VALUE_DTYPE)
 
 
-def restore_(out: torch.Tensor, index: torch.Tensor, value: torch.Tensor, outlier_tokens: int) -> torch.Tensor:
+def restore_(
+    out: torch.Tensor, index: torch.Tensor, value: torch.Tensor, outlier_tokens: int
+) -> torch.Tensor:
     """In place: write the exact entries back into ``out`` (batch, kv_heads, tokens, head_dim), which
     may be any strided view (e.g. a slice of the reference path's workspace)."""
     b, h, t, d = out.shape

@@ -56,7 +56,9 @@ class PackedTensor:
             return PackedTensor(codes, scale, zero, spec)
         side = (batch_size, num_heads, num_tokens // spec.outlier_tokens, spec.outlier_count(head_dim))
         index = torch.empty(side, dtype=INDEX_DTYPE, device=device)
-        return PackedTensor(codes, scale, zero, spec, index, torch.empty(side, dtype=VALUE_DTYPE, device=device))
+        return PackedTensor(
+            codes, scale, zero, spec, index, torch.empty(side, dtype=VALUE_DTYPE, device=device)
+        )
 
     @staticmethod
     def from_float(x: torch.Tensor, spec: QuantSpec) -> PackedTensor:
@@ -105,11 +107,17 @@ class PackedTensor:
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedTensor:
         """Apply ``fn`` to every held tensor (e.g. batch selection), returning a new PackedTensor."""
+
         def opt(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else fn(t)
 
         return PackedTensor(
-            fn(self.codes), fn(self.scale), opt(self.zero), self.spec, opt(self.outlier_index), opt(self.outlier_value)
+            fn(self.codes),
+            fn(self.scale),
+            opt(self.zero),
+            self.spec,
+            opt(self.outlier_index),
+            opt(self.outlier_value),
         )
 
     def dequantize(self, out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:

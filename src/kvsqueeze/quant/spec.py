@@ -98,7 +98,9 @@ class QuantSpec:
                 )
         elif self.format is Format.NF:
             if not is_int or self.bits not in CODEBOOK_BITS:
-                raise ValueError(f"bits: {self.bits!r} is not supported for nf codes; allowed: {CODEBOOK_BITS}")
+                raise ValueError(
+                    f"bits: {self.bits!r} is not supported for nf codes; allowed: {CODEBOOK_BITS}"
+                )
         elif not is_int or self.bits != 8:
             raise ValueError(f"bits: {self.bits!r} is not supported for {self.format.value}; allowed: (8,)")
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
@@ -109,7 +111,11 @@ class QuantSpec:
             )
         self._check_codebook()
         frac = self.outlier_fraction
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= MAX_OUTLIER_FRACTION:
+        if (
+            isinstance(frac, bool)
+            or not isinstance(frac, (int, float))
+            or not 0 <= frac <= MAX_OUTLIER_FRACTION
+        ):
             raise ValueError(f"outlier_fraction: {frac!r} must be a number in [0, {MAX_OUTLIER_FRACTION}]")
         tokens = self.outlier_tokens
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
@@ -119,7 +125,9 @@ class QuantSpec:
         if self.codebook is None:
             return
         if self.format is not Format.NF:
-            raise ValueError(f"codebook: given for format {self.format.value!r}; allowed only with format 'nf'")
+            raise ValueError(
+                f"codebook: given for format {self.format.value!r}; allowed only with format 'nf'"
+            )
         if not isinstance(self.codebook, (tuple, list)):
             raise ValueError(f"codebook: {self.codebook!r} must be a list of {2**self.bits} floats")
         levels = tuple(float(v) for v in self.codebook)
