@@ -43,8 +43,7 @@ def run(args: argparse.Namespace) -> None:
                 "sink_tokens": cfg.sink_tokens,
                 "residual_window": cfg.residual_window,
                 "config": cfg.to_dict(),
-                "note": ("bundled per-layer calibration for this model; else: " if calibrated else "")
-                + PRESET_NOTES[name],
+                "note": "per-layer calibration bundled for this model" if calibrated else PRESET_NOTES[name],
             }
         )
     if args.json:
