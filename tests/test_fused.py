@@ -213,7 +213,8 @@ def ids(batch: int, n: int, seed: int = 1) -> torch.Tensor:
 def run_chunks(model, config, tokens, chunks, mask=None, fused=None):
     """Logits of every position, fed in chunks; ``mask`` (batch, tokens) for left padding."""
     cache = SqueezedCache.from_model(model, config, fused=fused)
-    assert cache.fused == (model.config._attn_implementation == "kvsqueeze" if fused is None else fused)
+    wanted = model.config._attn_implementation == "kvsqueeze" if fused is None else fused
+    assert cache.fused == (wanted and cache.cache_config.kernel_readable)  # else the reference path
     out, pos = [], 0
     for n in chunks:
         kwargs = {}

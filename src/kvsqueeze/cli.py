@@ -3,6 +3,8 @@
 kvsqueeze generate "Why is the sky blue?" --kv k4v2
 kvsqueeze presets --json
 kvsqueeze demo
+kvsqueeze calibrate --model smollm2-135m --text-file wiki.txt --preset best-2bit
+kvsqueeze inspect --model smollm2-135m
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import bench, demo, generate, presets
+from .commands import bench, calibrate, demo, generate, presets
 from .commands import eval as eval_command
+from .commands import inspect as inspect_command
 from .commands.common import console
 
-SUBCOMMANDS = (generate, presets, demo, bench, eval_command)
+SUBCOMMANDS = (generate, presets, demo, bench, eval_command, calibrate, inspect_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,13 +6,60 @@ rejects unknown keys. The CLI is a view of this tree.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 from .policies import presses
 from .policies.plan import TokenPolicy
 from .quant.spec import QuantSpec
 
-__all__ = ["PRESETS", "TOKEN_PRESETS", "CacheConfig", "QuantSpec", "TokenPolicy", "preset", "resolve_config"]
+__all__ = [
+    "PRESETS",
+    "TOKEN_PRESETS",
+    "CacheConfig",
+    "LayerOverride",
+    "QuantSpec",
+    "TokenPolicy",
+    "preset",
+    "resolve_config",
+]
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Key and value specs of one layer (index ``layer`` of the model), e.g. from calibration;
+    None keeps that tensor exact in this layer."""
+
+    layer: int
+    key: QuantSpec | None
+    value: QuantSpec | None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer_overrides.layer: {self.layer!r} must be an integer >= 0")
+        for name in ("key", "value"):
+            spec = getattr(self, name)
+            if isinstance(spec, dict):
+                object.__setattr__(self, name, QuantSpec.from_dict(spec))
+            elif spec is not None and not isinstance(spec, QuantSpec):
+                raise ValueError(
+                    f"layer_overrides[{self.layer}].{name}: {spec!r} must be a QuantSpec, a dict or None"
+                )
+
+    def to_dict(self) -> dict:
+        def d(spec: QuantSpec | None) -> dict | None:
+            return None if spec is None else spec.to_dict()
+
+        return {"layer": self.layer, "key": d(self.key), "value": d(self.value)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerOverride:
+        allowed = [f.name for f in fields(cls)]
+        unknown = set(data) - set(allowed)
+        if unknown:
+            raise ValueError(f"layer_overrides: unknown keys {sorted(unknown)}; allowed: {allowed}")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -33,9 +80,21 @@ class CacheConfig:
         block_size: tokens quantized together; per-channel groups must divide it.
         page_tokens: tokens per preallocated storage page (a multiple of ``block_size``);
             storage grows one page at a time.
+        rotate_keys: rotate packed keys per head by a seeded randomized Hadamard matrix before
+            quantization (undone on read; attention unchanged up to quantization error).
+        rotate_values: the same for packed values.
+        pre_rope_keys: quantize keys before the rotary embedding (KVQuant) and re-apply it on read;
+            models without standard RoPE fall back to post-RoPE keys with a warning.
+        rotation_seed: seed of the rotation matrix.
+        layer_overrides: per-layer key/value specs (`LayerOverride`, e.g. from a calibration file);
+            layers not listed use ``key`` and ``value``.
         tokens: per-token precision and eviction of the tokens leaving the window
             (`TokenPolicy`: roles, importance, ``keep_exact``, ``evict``); None: every such token
-            is packed with ``key``/``value``.
+            is packed with ``key``/``value``. Not combinable (yet) with rotations, pre-RoPE keys
+            or per-layer overrides.
+
+    Configs with codebook or outlier formats, rotations or pre-RoPE keys are read by the reference
+    path only (`kernel_readable` is False): a fused cache with such a config falls back to it.
     """
 
     key: QuantSpec | None = field(default_factory=lambda: QuantSpec(bits=4, axis="channel", group_size=64))
@@ -44,6 +103,11 @@ class CacheConfig:
     residual_window: int = 128
     block_size: int = 64
     page_tokens: int = 1024
+    rotate_keys: bool = False
+    rotate_values: bool = False
+    pre_rope_keys: bool = False
+    rotation_seed: int = 0
+    layer_overrides: tuple[LayerOverride, ...] = ()
     tokens: TokenPolicy | None = None
 
     def __post_init__(self) -> None:
@@ -78,37 +142,87 @@ class CacheConfig:
             raise ValueError(
                 f"page_tokens: {self.page_tokens!r} must be a positive multiple of block_size {self.block_size}"
             )
-        specs = {"key": self.key, "value": self.value}
-        if self.tokens is not None:
-            specs.update(
-                {"tokens.high_key": self.tokens.high_key, "tokens.high_value": self.tokens.high_value}
+        for name in ("rotate_keys", "rotate_values", "pre_rope_keys"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be True or False")
+        if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int):
+            raise ValueError(f"rotation_seed: {self.rotation_seed!r} must be an integer")
+        overrides = tuple(
+            LayerOverride.from_dict(o) if isinstance(o, dict) else o for o in self.layer_overrides or ()
+        )
+        if any(not isinstance(o, LayerOverride) for o in overrides):
+            raise ValueError("layer_overrides: every item must be a LayerOverride or a dict of its fields")
+        layers = [o.layer for o in overrides]
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layer_overrides: layers {layers} repeat; each layer may appear once")
+        object.__setattr__(self, "layer_overrides", overrides)
+        if self.tokens is not None and (
+            self.rotate_keys or self.rotate_values or self.pre_rope_keys or self.layer_overrides
+        ):
+            raise ValueError(
+                "tokens: a token policy cannot be combined with rotate_keys, rotate_values, pre_rope_keys "
+                "or layer_overrides yet; allowed: a token policy over plain key/value specs"
             )
-        for name, spec in specs.items():
-            if spec is not None:
-                spec.check_block_size(self.block_size, field=f"{name}.group_size")
+        for name, spec in self._named_specs():
+            spec.check_block_size(self.block_size, field=f"{name}.group_size")
+
+    def _named_specs(self) -> list[tuple[str, QuantSpec]]:
+        named = [(n, getattr(self, n)) for n in ("key", "value") if getattr(self, n) is not None]
+        for o in self.layer_overrides:
+            for name in ("key", "value"):
+                if getattr(o, name) is not None:
+                    named.append((f"layer_overrides[{o.layer}].{name}", getattr(o, name)))
+        if self.tokens is not None:
+            for name in ("high_key", "high_value"):
+                if getattr(self.tokens, name) is not None:
+                    named.append((f"tokens.{name}", getattr(self.tokens, name)))
+        return named
 
     @property
     def is_exact(self) -> bool:
-        return self.key is None and self.value is None
+        return self.key is None and self.value is None and not self.layer_overrides
 
     @property
     def needs_attention(self) -> bool:
         """Whether the token policy scores tokens by attention (fused read path only)."""
         return self.tokens is not None and self.tokens.needs_attention
 
-    def check_model(self, num_kv_heads: int, head_dim: int) -> None:
-        """Raise if the specs cannot tile this model's heads."""
-        specs = {"key": self.key, "value": self.value}
-        if self.tokens is not None:
-            specs.update(
-                {"tokens.high_key": self.tokens.high_key, "tokens.high_value": self.tokens.high_value}
-            )
-        for name, spec in specs.items():
-            if spec is not None:
-                spec.check_head_dim(head_dim, field=f"{name}.group_size")
+    @property
+    def kernel_readable(self) -> bool:
+        """Whether the native fused kernels can read this cache (plain int/FP8 codes, no transform)."""
+        plain = all(spec.is_plain for _, spec in self._named_specs())
+        return plain and not (self.rotate_keys or self.rotate_values or self.pre_rope_keys)
 
-    def bits_per_element(self, exact_bits: int = 16) -> float:
-        """Average stored bits per K/V element of the packed history (exact parts count ``exact_bits``)."""
+    def for_layer(self, layer: int) -> CacheConfig:
+        """The config of model layer ``layer`` (its override applied, no overrides left)."""
+        for o in self.layer_overrides:
+            if o.layer == layer:
+                return replace(self, key=o.key, value=o.value, layer_overrides=())
+        return replace(self, layer_overrides=()) if self.layer_overrides else self
+
+    def check_model(self, num_kv_heads: int, head_dim: int, num_layers: int | None = None) -> None:
+        """Raise if the specs cannot tile this model's heads (or overrides name missing layers)."""
+        for name, spec in self._named_specs():
+            spec.check_head_dim(head_dim, field=f"{name}.group_size")
+        if num_layers is not None:
+            beyond = [o.layer for o in self.layer_overrides if o.layer >= num_layers]
+            if beyond:
+                raise ValueError(
+                    f"layer_overrides: layers {beyond} do not exist; allowed: 0 .. {num_layers - 1}"
+                )
+
+    def _layers(self, num_layers: int | None) -> list[CacheConfig]:
+        if num_layers is None:
+            num_layers = max((o.layer for o in self.layer_overrides), default=0) + 1
+        return [self.for_layer(i) for i in range(num_layers)]
+
+    def bits_per_element(self, exact_bits: int = 16, num_layers: int | None = None) -> float:
+        """Average stored bits per K/V element of the packed history (exact parts count ``exact_bits``),
+        averaged over layers when there are per-layer overrides (``num_layers`` default: up to the
+        last overridden layer). Outliers count at their nominal fraction."""
+        if self.layer_overrides:
+            per_layer = [c.bits_per_element(exact_bits) for c in self._layers(num_layers)]
+            return sum(per_layer) / len(per_layer)
         k = self.key.bits_per_element if self.key else exact_bits
         v = self.value.bits_per_element if self.value else exact_bits
         return (k + v) / 2
@@ -116,11 +230,16 @@ class CacheConfig:
     def bytes_per_token(
         self, num_layers: int, num_kv_heads: int, head_dim: int, exact_bytes: int = 2
     ) -> float:
-        """Bytes per token of packed history over all layers (keys + values, scales included).
+        """Bytes per token of packed history over all layers (keys + values, scales and outlier side
+        store included).
 
         Exact tensors (spec None) count ``exact_bytes`` per element. Sinks and the residual window
         add a fixed amount per sequence on top; `SqueezedCache.nbytes` counts everything held.
         """
+        if self.layer_overrides:
+            return sum(
+                c.bytes_per_token(1, num_kv_heads, head_dim, exact_bytes) for c in self._layers(num_layers)
+            )
         per_elem = num_kv_heads * head_dim
         total = 0.0
         for spec in (self.key, self.value):
@@ -131,6 +250,7 @@ class CacheConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in ("key", "value", "tokens"):
             out[name] = None if out[name] is None else out[name].to_dict()
+        out["layer_overrides"] = [o.to_dict() for o in self.layer_overrides]
         if out["tokens"] is None:
             del out["tokens"]  # configs without a token policy keep their old dict form
         return out
@@ -142,6 +262,18 @@ class CacheConfig:
         if unknown:
             raise ValueError(f"CacheConfig: unknown keys {sorted(unknown)}; allowed: {allowed}")
         return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CacheConfig:
+        """A config from a JSON file: a plain `to_dict` dump, or a calibration file written by
+        ``kvsqueeze calibrate`` (its ``"config"`` entry; the statistics beside it are ignored)."""
+        file = Path(path)
+        if not file.is_file():
+            raise ValueError(f"config file: {str(path)!r} does not exist")
+        data = json.loads(file.read_text())
+        if isinstance(data, dict) and "calibration" in data:
+            data = data["config"]
+        return cls.from_dict(data)
 
     def replace(self, **changes: object) -> CacheConfig:
         return replace(self, **changes)
@@ -169,6 +301,27 @@ PRESETS: dict[str, CacheConfig] = {
         value=QuantSpec(bits=2, axis="token", group_size=32),
     ),
     "k2v2": _kivi(2, 2, 32),
+    # The most accurate configurations measured within 4.6 / 3.6 / 2.8 bits per element
+    # (benchmarks/low_bit.py; README "Low-bit presets"). Reference read path only.
+    "best-4bit": CacheConfig(
+        key=QuantSpec(bits=4, axis="channel", group_size=64),
+        value=QuantSpec(bits=4, axis="token", group_size=64),
+        pre_rope_keys=True,
+    ),
+    "best-3bit": CacheConfig(
+        key=QuantSpec(bits=4, axis="channel", group_size=128),
+        value=QuantSpec(bits=2, axis="token", group_size=64, format="nf", outlier_fraction=0.01),
+        block_size=128,
+        pre_rope_keys=True,
+        rotate_values=True,
+    ),
+    "best-2bit": CacheConfig(
+        key=QuantSpec(bits=3, axis="channel", group_size=128, outlier_fraction=0.0025),
+        value=QuantSpec(bits=2, axis="token", group_size=64, format="nf", symmetric=True),
+        block_size=128,
+        pre_rope_keys=True,
+        rotate_values=True,
+    ),
 }
 
 
@@ -211,6 +364,9 @@ PRESET_NOTES: dict[str, str] = {
     "k4v4": "4-bit KIVI: keys per-channel, values per-token, group 64",
     "k4v2": "4-bit keys per-channel (g64), 2-bit values per-token (g32)",
     "k2v2": "2-bit KIVI-2: group 32, residual 128",
+    "best-4bit": "most accurate <= 4.6 b/el: pre-RoPE int4 keys (g64), int4 values (g64)",
+    "best-3bit": "most accurate <= 3.6 b/el: pre-RoPE int4 keys (g128), rotated NF2 values + 1% outliers",
+    "best-2bit": "most accurate <= 2.8 b/el: pre-RoPE int3 keys (g128) + 0.25% outliers, rotated NF2 values",
     "text-centric": "k2v2 for image/video/audio tokens, text and instructions exact (needs set_roles)",
     "k2v2-instruct": "k2v2, caller-marked instruction spans exact (fp16), window 32",
     "k2v2-keep10": "k2v2, the 10 % most attended tokens exact (fp16); fused path",

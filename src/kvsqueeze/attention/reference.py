@@ -61,9 +61,11 @@ def materialize(
         (out_v, store.sink_v, store.packed_v, store.window_v, value),
     ):
         pos = _put(out, 0, sinks.view())
+        first = pos
         for page in packed.filled():  # natively when the CPU kernels are built (same bits)
             dequantize_into(page, out[:, :, pos : pos + page.num_tokens])
             pos += page.num_tokens
+        packed.restore_(out[:, :, first:pos], 0)  # pre-RoPE / rotation undone (no-op without)
         _put(out, _put(out, pos, window.view()), new)
     return out_k, out_v
 

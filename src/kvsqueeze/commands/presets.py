@@ -23,23 +23,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
+    from ..calibration.bundled import bundled_config
     from ..models import resolve_model
 
-    layers, heads, head_dim, _ = model_shape(AutoConfig.from_pretrained(resolve_model(args.model)))
+    model_config = AutoConfig.from_pretrained(resolve_model(args.model))
+    layers, heads, head_dim, _ = model_shape(model_config)
     fp16 = 2 * 2 * layers * heads * head_dim
     rows = []
-    for name, cfg in PRESETS.items():
+    for name, generic in PRESETS.items():
+        calibrated = bundled_config(name, model_config)
+        cfg = calibrated or generic
         per_token = cfg.bytes_per_token(layers, heads, head_dim, exact_bytes=2)
         rows.append(
             {
                 "preset": name,
-                "bits_per_element": cfg.bits_per_element(exact_bits=16),
+                "bits_per_element": cfg.bits_per_element(exact_bits=16, num_layers=layers),
                 "bytes_per_token": per_token,
                 "fraction_of_fp16": per_token / fp16,
                 "sink_tokens": cfg.sink_tokens,
                 "residual_window": cfg.residual_window,
                 "config": cfg.to_dict(),
-                "note": PRESET_NOTES[name],
+                "note": "per-layer calibration bundled for this model" if calibrated else PRESET_NOTES[name],
             }
         )
     tokens = [{"preset": n, "config": c.to_dict(), "note": PRESET_NOTES[n]} for n, c in TOKEN_PRESETS.items()]

@@ -99,8 +99,12 @@ def squeezed_bytes(
     return exact_bytes(shape, exact_tokens, batch_size, dtype_bytes) + packed
 
 
-def predictor(method: Method, shape: KVShape, dtype_bytes: int) -> Callable[[int, int], int] | None:
-    """``bytes(num_tokens, batch_size)`` of the method's cache, or None when it has no size formula."""
+def predictor(
+    method: Method, shape: KVShape, dtype_bytes: int, model_config: Any = None
+) -> Callable[[int, int], int] | None:
+    """``bytes(num_tokens, batch_size)`` of the method's cache, or None when it has no size formula.
+
+    With ``model_config``, a ``best-*`` preset is sized as the bundled calibration it resolves to."""
     if method.config.get("cache") == "DynamicCache":
         return lambda n, b: exact_bytes(shape, n, b, dtype_bytes)
     if "cache" in method.config:
@@ -108,6 +112,10 @@ def predictor(method: Method, shape: KVShape, dtype_bytes: int) -> Callable[[int
     config = CacheConfig.from_dict(method.config)
     if config.tokens is not None:
         return None  # token policies: bytes depend on roles and scores, measured by the speed bench
+    if model_config is not None:
+        from ..calibration.bundled import bundled_config
+
+        config = bundled_config(method.name, model_config) or config
     return lambda n, b: squeezed_bytes(config, shape, n, b, dtype_bytes)
 
 
@@ -173,7 +181,7 @@ def capacity_row(
     shape = KVShape.from_config(model_config)
     dtype_bytes = torch.empty(0, dtype=dtype).element_size()
     row: dict[str, Any] = {"method": method.name, "batch_size": batch_size, "budget_bytes": budget_bytes}
-    predict = predictor(method, shape, dtype_bytes)
+    predict = predictor(method, shape, dtype_bytes, model_config)
     if predict is None:
         return {**row, "skipped": "no size formula (its bytes depend on when its residual was flushed)"}
     tokens = largest_fitting(lambda n: predict(n, batch_size), budget_bytes, shape.max_tokens)

@@ -13,13 +13,12 @@ Names:
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS, TOKEN_PRESETS, CacheConfig, preset
+from ..config import PRESETS, TOKEN_PRESETS, CacheConfig, preset, resolve_config
 
 BASELINE_BACKENDS = {
     "quanto": ("optimum.quanto", "optimum-quanto", (2, 4)),
@@ -53,8 +52,9 @@ def _exact(model: Any) -> Any:
     return DynamicCache(config=model.config)
 
 
-def _squeezed(config: CacheConfig, fused: bool = False) -> Callable[[Any], Any]:
-    fused = fused or config.needs_attention  # attention scores are read by the fused attention
+def _squeezed(config: CacheConfig | str, fused: bool = False) -> Callable[[Any], Any]:
+    # attention-scored token policies are read by the fused attention
+    fused = fused or resolve_config(config).needs_attention
 
     def make(model: Any) -> Any:
         from ..integrations.attention import use_fused_attention
@@ -106,9 +106,9 @@ def resolve_method(name: str) -> Method:
         return _fused(name)
     if name == "exact":
         return Method("exact", _exact, {"cache": "DynamicCache"})
-    if name in PRESETS or name in TOKEN_PRESETS:
+    if name in PRESETS or name in TOKEN_PRESETS:  # by name: best-* pick a bundled calibration for the model
         config = preset(name)
-        return Method(name, _squeezed(config), config.to_dict(), config.bits_per_element())
+        return Method(name, _squeezed(name), config.to_dict(), config.bits_per_element())
     backend, _, rest = name.partition("-int")
     if backend in BASELINE_BACKENDS and rest.isdigit():
         bits = int(rest)
@@ -128,7 +128,7 @@ def resolve_method(name: str) -> Method:
         path = Path(name)
         if not path.is_file():
             raise ValueError(f"method: config file {name!r} does not exist")
-        config = CacheConfig.from_dict(json.loads(path.read_text()))
+        config = CacheConfig.load(path)
         return Method(path.stem, _squeezed(config), config.to_dict(), config.bits_per_element())
     allowed = [
         "exact",

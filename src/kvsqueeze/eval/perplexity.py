@@ -118,7 +118,9 @@ class PerplexityResult:
     ``ppl = exp(mean_nll)``; ``nll_stderr`` is the standard error of the mean NLL and ``ppl_stderr`` its
     delta-method image ``ppl * nll_stderr``. ``kld_mean`` / ``kld_p99`` are the mean and 99th percentile of
     the per-token KL(reference || tested) in nats, ``top1_agreement`` the fraction of scored positions
-    where both argmax tokens agree, ``reference_ppl`` the perplexity of the reference cache.
+    where both argmax tokens agree, ``reference_ppl`` the perplexity of the reference cache,
+    ``delta_pct`` the change of perplexity vs the reference in percent and ``delta_pct_stderr`` its
+    paired standard error (from the per-token NLL differences, which cancels the text's own noise).
     """
 
     ppl: float
@@ -130,6 +132,8 @@ class PerplexityResult:
     kld_p99: float | None = None
     top1_agreement: float | None = None
     reference_ppl: float | None = None
+    delta_pct: float | None = None
+    delta_pct_stderr: float | None = None
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
@@ -168,6 +172,12 @@ def summarize(
     mean_nll = nll.mean().item()
     nll_stderr = (nll.std().item() / math.sqrt(num_scored)) if num_scored > 1 else float("nan")
     ppl = math.exp(mean_nll)
+    delta = delta_err = None
+    if reference_nll is not None:
+        diff = nll - reference_nll
+        delta = 100 * math.expm1(diff.mean().item())
+        spread = diff.std().item() / math.sqrt(num_scored) if num_scored > 1 else float("nan")
+        delta_err = 100 * math.exp(diff.mean().item()) * spread
     return PerplexityResult(
         ppl=ppl,
         ppl_stderr=ppl * nll_stderr,
@@ -178,6 +188,8 @@ def summarize(
         kld_p99=None if kld is None else float(np.percentile(kld.cpu().numpy(), 99)),
         top1_agreement=None if top1_agree is None else top1_agree.double().mean().item(),
         reference_ppl=None if reference_nll is None else math.exp(reference_nll.mean().item()),
+        delta_pct=delta,
+        delta_pct_stderr=delta_err,
     )
 
 

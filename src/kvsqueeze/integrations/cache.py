@@ -7,6 +7,7 @@ window of tokens, so quantizing them saves little; `memory_report` lists their b
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -23,7 +24,9 @@ from ..attention.reference import Workspace, materialize
 from ..config import CacheConfig, resolve_config
 from ..storage.layer import LayerStore
 from ..storage.mixed import MixedLayerStore
+from ..storage.transform import PageTransform, layer_transforms
 from .memory import MemoryReport, layer_nbytes
+from .rope import rope_for
 
 FULL_ATTENTION = "full_attention"
 FUSED_ATTENTION = "kvsqueeze"
@@ -61,14 +64,20 @@ class SqueezedLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(
-        self, config: CacheConfig, workspace: Workspace, max_tokens: int | None = None, fused: bool = False
+        self,
+        config: CacheConfig,
+        workspace: Workspace,
+        max_tokens: int | None = None,
+        fused: bool = False,
+        transforms: tuple[PageTransform | None, PageTransform | None] = (None, None),
     ) -> None:
         super().__init__()
         self.config = config
         self.workspace = workspace
         self.max_tokens = max_tokens
         self.fused = fused
-        self.store = LayerStore(config) if config.tokens is None else MixedLayerStore(config)
+        # token policies and transforms do not combine (CacheConfig rejects it)
+        self.store = LayerStore(config, *transforms) if config.tokens is None else MixedLayerStore(config)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -153,7 +162,15 @@ class SqueezedCache(Cache):
 
     ``fused`` selects the read path of the layers: the fused path (packed history read in place by
     ``attn_implementation="kvsqueeze"``) or the reference path. None (default) follows the model:
-    fused when its config's attention implementation is ``"kvsqueeze"``.
+    fused when its config's attention implementation is ``"kvsqueeze"``. Configs the native kernels
+    cannot read (codebooks, outliers, rotations, pre-RoPE keys: ``CacheConfig.kernel_readable``)
+    always take the reference path (a warning says so when ``fused=True`` was asked for).
+
+    A ``best-*`` preset name resolves to a bundled per-layer calibration when one matches the model
+    (`calibration.bundled`; the embedded SmolLM2-135M has one), else to the generic preset.
+
+    ``pre_rope_keys`` needs a model with standard RoPE (`integrations.rope.rope_for`); elsewhere
+    the cache warns and keeps post-RoPE keys.
     """
 
     def __init__(
@@ -162,17 +179,30 @@ class SqueezedCache(Cache):
         model_config: Any,
         fused: bool | None = None,
     ) -> None:
+        if isinstance(config, str):  # best-* presets: the bundled calibration when it fits this model
+            from ..calibration.bundled import bundled_config
+
+            config = bundled_config(config, model_config) or config
         self.cache_config = resolve_config(config)
         text_config = model_config.get_text_config(decoder=True)
+        asked = fused
         if fused is None:
             fused = getattr(text_config, "_attn_implementation", None) == FUSED_ATTENTION
+        if fused and not self.cache_config.kernel_readable:
+            if asked:
+                warnings.warn(
+                    "fused: this config (codebook/outlier formats, rotation or pre-RoPE keys) is read by the "
+                    "reference path only; using it",
+                    stacklevel=2,
+                )
+            fused = False
         self.fused = fused
         num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
         head_dim = (
             getattr(text_config, "head_dim", None)
             or text_config.hidden_size // text_config.num_attention_heads
         )
-        self.cache_config.check_model(num_kv_heads, head_dim)
+        self.cache_config.check_model(num_kv_heads, head_dim, text_config.num_hidden_layers)
         model_fused = getattr(text_config, "_attn_implementation", None) == FUSED_ATTENTION
         if self.cache_config.needs_attention and not (fused and model_fused):
             raise ValueError(
@@ -180,6 +210,11 @@ class SqueezedCache(Cache):
                 "queries); load the model with attn_implementation='kvsqueeze' (fused stays None or True); "
                 "allowed on the reference path: scorer 'knorm' or 'none'"
             )
+        self.rope = None
+        if self.cache_config.pre_rope_keys:
+            self.rope, why = rope_for(text_config, head_dim)
+            if self.rope is None:
+                warnings.warn(f"pre_rope_keys: falling back to post-RoPE keys: {why}", stacklevel=2)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.workspace = Workspace()
         self.max_tokens = max_tokens = getattr(text_config, "max_position_embeddings", None)
@@ -187,7 +222,9 @@ class SqueezedCache(Cache):
         layers: list[CacheLayerMixin] = []
         for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
             if layer_type == FULL_ATTENTION:
-                layers.append(SqueezedLayer(self.cache_config, self.workspace, max_tokens, fused))
+                layer_config = self.cache_config.for_layer(index)
+                transforms = layer_transforms(layer_config, head_dim, self.rope)
+                layers.append(SqueezedLayer(layer_config, self.workspace, max_tokens, fused, transforms))
             elif layer_type in EXACT_LAYER_TYPES:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
             else:
@@ -227,6 +264,7 @@ class SqueezedCache(Cache):
         the layers take the fused path; the attention is registered first if it is not yet.
         """
         cache = cls(config, model.config, fused)
+        cache.warn_if_unsafe(model)
         if cache.fused:
             from .attention import register
 
@@ -246,6 +284,28 @@ class SqueezedCache(Cache):
                 if layer.get_seq_length():
                     raise ValueError("roles: set them before the prefill (this cache already holds tokens)")
                 layer.store.roles = roles.to(torch.int8)
+
+    def warn_if_unsafe(self, model: Any) -> list[str]:
+        """Warn (and return the reasons) when the config is predicted to turn this model's keys or
+        values into noise (`calibration.risk`, from the weights; ``kvsqueeze inspect`` measures it)."""
+        from ..calibration.risk import check_config, profiles_from_weights
+
+        if self.cache_config.is_exact:
+            return []
+        profiles = profiles_from_weights(model)
+        inv_freq = None
+        if not self.cache_config.pre_rope_keys or self.rope is None:
+            rope, _ = rope_for(model.config.get_text_config(decoder=True), self.head_dim)
+            inv_freq = None if rope is None else rope.inv_freq
+        problems = check_config(profiles, self.cache_config, inv_freq)
+        if problems:
+            shown = "; ".join(problems[:3]) + (f"; ... {len(problems) - 3} more" if len(problems) > 3 else "")
+            warnings.warn(
+                f"this cache config is predicted UNSAFE for this model ({shown}); run `kvsqueeze inspect "
+                "--model ...` and pick its predicted safe configuration",
+                stacklevel=3,
+            )
+        return problems
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (codes, scales, zero points, sinks, residual,

@@ -59,7 +59,10 @@ def source_meta(part: PackedTensor | ExactTensor, tensors: list[torch.Tensor]) -
 
 def readable(part: PackedTensor | ExactTensor) -> bool:
     """Whether the CPU kernels can read ``part`` in place: cpu tensors with contiguous rows (and a
-    float dtype for exact values). Pages built by `PagedStore` always are."""
+    float dtype for exact values), integer or FP8 codes without an outlier side store (codebook
+    and outlier formats are read by ``PackedTensor.dequantize`` only)."""
     if isinstance(part, ExactTensor) and part.values.dtype not in FLOAT_DTYPES:
+        return False
+    if isinstance(part, PackedTensor) and not part.spec.is_plain:
         return False
     return all(t.dim() == 4 and t.stride(-1) == 1 and t.device.type == "cpu" for t in part.tensors())

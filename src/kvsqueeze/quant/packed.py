@@ -5,7 +5,9 @@ Shapes, for ``tokens`` tokens of a (batch, kv_heads, tokens, head_dim) tensor:
 * ``codes``: uint8 (batch, kv_heads, tokens, head_dim * bits / 8), see `packing`;
 * ``scale`` and ``zero``: ``spec.scale_dtype``, (batch, kv_heads, tokens, head_dim / group_size)
   per-token or (batch, kv_heads, tokens / group_size, head_dim) per-channel; ``zero`` is None
-  for symmetric and FP8 specs.
+  for symmetric and FP8 specs;
+* ``outlier_index`` (int16) and ``outlier_value`` (float16): (batch, kv_heads, tokens /
+  outlier_tokens, count), the dense-and-sparse side store (`outliers`), None without outliers.
 
 A fused attention path reads these three tensors directly; the reference path calls
 `dequantize`.
@@ -18,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .outliers import INDEX_DTYPE, VALUE_DTYPE, restore_, split_outliers
 from .packing import pack, packed_size, unpack
-from .primitives import FP8_DTYPES, apply_qparams_, choose_qparams, quantize
+from .primitives import FP8_DTYPES, apply_qparams_, choose_qparams, decode_codes, quantize
 from .spec import Axis, QuantSpec
 
 
@@ -29,6 +32,8 @@ class PackedTensor:
     scale: torch.Tensor
     zero: torch.Tensor | None
     spec: QuantSpec
+    outlier_index: torch.Tensor | None = None
+    outlier_value: torch.Tensor | None = None
 
     @staticmethod
     def empty(
@@ -47,14 +52,24 @@ class PackedTensor:
         meta = (batch_size, num_heads, rows, cols)
         scale = torch.empty(meta, dtype=spec.torch_scale_dtype, device=device)
         zero = torch.empty(meta, dtype=spec.torch_scale_dtype, device=device) if spec.has_zero else None
-        return PackedTensor(codes, scale, zero, spec)
+        if not spec.has_outliers:
+            return PackedTensor(codes, scale, zero, spec)
+        side = (batch_size, num_heads, num_tokens // spec.outlier_tokens, spec.outlier_count(head_dim))
+        index = torch.empty(side, dtype=INDEX_DTYPE, device=device)
+        return PackedTensor(
+            codes, scale, zero, spec, index, torch.empty(side, dtype=VALUE_DTYPE, device=device)
+        )
 
     @staticmethod
     def from_float(x: torch.Tensor, spec: QuantSpec) -> PackedTensor:
-        """Quantize and pack ``x`` (B, H, T, D); T must be a whole number of per-channel groups."""
+        """Quantize and pack ``x`` (B, H, T, D); T must be a whole number of per-channel groups
+        (and of outlier blocks when the spec keeps outliers)."""
+        index = value = None
+        if spec.has_outliers:
+            x, index, value = split_outliers(x.float(), spec, spec.outlier_count(x.shape[-1]))
         scale, zero = choose_qparams(x, spec)
         codes = pack(quantize(x, scale, zero, spec), spec.bits)
-        return PackedTensor(codes, scale, zero, spec)
+        return PackedTensor(codes, scale, zero, spec, index, value)
 
     @property
     def num_tokens(self) -> int:
@@ -66,17 +81,24 @@ class PackedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: codes + scales + zero points."""
+        """Bytes held: codes + scales + zero points + outlier side store."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.codes, self.scale, self.zero) if t is not None]
+        held = (self.codes, self.scale, self.zero, self.outlier_index, self.outlier_value)
+        return [t for t in held if t is not None]
 
     def slice_tokens(self, start: int, stop: int) -> PackedTensor:
         """A view of tokens [start, stop) (per-channel: bounds on group boundaries)."""
         r0, r1 = _rows(start, self.spec), _rows(stop, self.spec)
         zero = None if self.zero is None else self.zero[:, :, r0:r1]
-        return PackedTensor(self.codes[:, :, start:stop], self.scale[:, :, r0:r1], zero, self.spec)
+        index = value = None
+        if self.outlier_index is not None:
+            o0, o1 = _outlier_rows(start, self.spec), _outlier_rows(stop, self.spec)
+            index, value = self.outlier_index[:, :, o0:o1], self.outlier_value[:, :, o0:o1]
+        return PackedTensor(
+            self.codes[:, :, start:stop], self.scale[:, :, r0:r1], zero, self.spec, index, value
+        )
 
     def copy_(self, other: PackedTensor) -> None:
         """Copy ``other`` (same spec and shape) into this storage."""
@@ -85,8 +107,17 @@ class PackedTensor:
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedTensor:
         """Apply ``fn`` to every held tensor (e.g. batch selection), returning a new PackedTensor."""
+
+        def opt(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
+
         return PackedTensor(
-            fn(self.codes), fn(self.scale), None if self.zero is None else fn(self.zero), self.spec
+            fn(self.codes),
+            fn(self.scale),
+            opt(self.zero),
+            self.spec,
+            opt(self.outlier_index),
+            opt(self.outlier_value),
         )
 
     def dequantize(self, out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -95,9 +126,14 @@ class PackedTensor:
             out = torch.empty(*self.codes.shape[:-1], self.head_dim, dtype=dtype, device=self.codes.device)
         if self.spec.is_fp8:
             out.copy_(self.codes.view(FP8_DTYPES[self.spec.format]))
+        elif self.spec.is_codebook:
+            decode_codes(unpack(self.codes, self.spec.bits), self.spec, out)
         else:
             unpack(self.codes, self.spec.bits, out=out)
-        return apply_qparams_(out, self.scale, self.zero, self.spec)
+        apply_qparams_(out, self.scale, self.zero, self.spec)
+        if self.outlier_index is not None:
+            restore_(out, self.outlier_index, self.outlier_value, self.spec.outlier_tokens)
+        return out
 
 
 def scale_shape(num_tokens: int, head_dim: int, spec: QuantSpec) -> tuple[int, int]:
@@ -105,6 +141,11 @@ def scale_shape(num_tokens: int, head_dim: int, spec: QuantSpec) -> tuple[int, i
     if spec.axis is Axis.TOKEN:
         return num_tokens, head_dim // spec.group_size
     return num_tokens // spec.group_size, head_dim
+
+
+def _outlier_rows(num_tokens: int, spec: QuantSpec) -> int:
+    assert num_tokens % spec.outlier_tokens == 0, "slices must fall on outlier block boundaries"
+    return num_tokens // spec.outlier_tokens
 
 
 def _rows(num_tokens: int, spec: QuantSpec) -> int:

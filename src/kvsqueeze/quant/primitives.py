@@ -6,13 +6,19 @@ and ``(batch, kv_heads, tokens / group_size, head_dim)`` for per-channel groups.
 
 Integer codes are unsigned ``uint8`` in ``[0, 2**bits)``: asymmetric ``x ~ code * scale + zero``
 (``zero`` is the group minimum, KIVI style), symmetric ``x ~ (code - mid) * scale``. FP8 codes
-are the raw bytes of ``x / scale`` in the FP8 format (``scale = amax / max_finite``).
+are the raw bytes of ``x / scale`` in the FP8 format (``scale = amax / max_finite``). Codebook
+(``"nf"``) codes are indices of the nearest level of ``(x - zero) / scale`` with ``zero`` the
+group's mid-range and ``scale`` its half-range (symmetric: ``zero = 0``, ``scale = amax``), so
+the group's extremes map to -1 and 1; dequantization is ``x = level[code] * scale + zero``.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from .codebook import encode
 from .spec import Axis, Format, QuantSpec
 
 FP8_DTYPES = {Format.FP8_E4M3: torch.float8_e4m3fn, Format.FP8_E5M2: torch.float8_e5m2}
@@ -42,6 +48,8 @@ def choose_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
         fmax = torch.finfo(FP8_DTYPES[spec.format]).max
         scale = g.abs().amax(-1) / fmax
         return _round_directed(scale.clamp_min(_TINY), dtype, up=True), None
+    if spec.is_codebook:
+        return _codebook_qparams(g, spec)
     if spec.symmetric:
         half = 2 ** (spec.bits - 1) - 1
         scale = g.abs().amax(-1) / max(half, 1)
@@ -50,6 +58,26 @@ def choose_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
     zero = _round_directed(lo, dtype, up=False)
     scale = _round_directed(((hi - zero.float()) / (2**spec.bits - 1)).clamp_min(_TINY), dtype, up=True)
     return scale, zero
+
+
+def _codebook_qparams(g: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    dtype = spec.torch_scale_dtype
+    if spec.symmetric:
+        return _round_directed(g.abs().amax(-1).clamp_min(_TINY), dtype, up=True), None
+    lo, hi = g.amin(-1), g.amax(-1)
+    zero = ((hi + lo) / 2).to(dtype)
+    half = torch.maximum(hi - zero.float(), zero.float() - lo)
+    return _round_directed(half.clamp_min(_TINY), dtype, up=True), zero
+
+
+@functools.cache
+def _levels_cpu(levels: tuple[float, ...]) -> torch.Tensor:
+    return torch.tensor(levels, dtype=torch.float32)
+
+
+def codebook_levels(spec: QuantSpec, device: torch.device) -> torch.Tensor:
+    """float32 (2**bits,) levels of an ``"nf"`` spec, on ``device``."""
+    return _levels_cpu(spec.levels).to(device)
 
 
 def _round_directed(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
@@ -73,6 +101,9 @@ def quantize(
     s = scale.float().unsqueeze(-1)
     if spec.is_fp8:
         q = (g / s).to(FP8_DTYPES[spec.format]).view(torch.uint8)
+    elif spec.is_codebook:
+        centered = g if zero is None else g - zero.float().unsqueeze(-1)
+        q = encode(centered / s, codebook_levels(spec, x.device))
     elif spec.symmetric:
         mid = 2 ** (spec.bits - 1)
         q = (torch.round(g / s) + mid).clamp_(1 if spec.bits > 1 else 0, 2**spec.bits - 1).to(torch.uint8)
@@ -90,8 +121,9 @@ def _ungroup(g: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 def offset(
     scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec, dtype: torch.dtype
 ) -> torch.Tensor:
-    """The additive term of ``x = code * scale + offset`` (same shape as ``scale``)."""
-    if spec.is_fp8:
+    """The additive term of ``x = code * scale + offset`` (same shape as ``scale``); for codebook
+    specs ``code`` is the code's level."""
+    if spec.is_fp8 or (spec.is_codebook and spec.symmetric):
         return torch.zeros((), dtype=dtype, device=scale.device)
     if spec.symmetric:
         return scale.to(dtype) * -(2 ** (spec.bits - 1))
@@ -101,10 +133,11 @@ def offset(
 def apply_qparams_(
     codes_as_float: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec
 ) -> torch.Tensor:
-    """In place: turn decoded codes (B, H, T, D) in a float tensor into dequantized values."""
+    """In place: turn decoded codes (B, H, T, D) in a float tensor into dequantized values (for
+    codebook specs the codes must already be replaced by their levels, see `decode_codes`)."""
     g = grouped(codes_as_float, spec)
     s = scale.to(codes_as_float.dtype).unsqueeze(-1)
-    if spec.is_fp8:
+    if spec.is_fp8 or (spec.is_codebook and spec.symmetric):
         g.mul_(s)
         return codes_as_float
     o = offset(scale, zero, spec, codes_as_float.dtype)
@@ -124,8 +157,15 @@ def dequantize(
     """Values (B, H, T, D) from unpacked codes; written into ``out`` when given."""
     if out is None:
         out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    if spec.is_fp8:
-        out.copy_(codes.view(FP8_DTYPES[spec.format]))
-    else:
-        out.copy_(codes)
+    decode_codes(codes, spec, out)
     return apply_qparams_(out, scale, zero, spec)
+
+
+def decode_codes(codes: torch.Tensor, spec: QuantSpec, out: torch.Tensor) -> torch.Tensor:
+    """Write unpacked ``codes`` (uint8, B, H, T, D) into ``out`` as numbers: the FP8 value, the
+    codebook level, or the integer code; returns ``out``."""
+    if spec.is_fp8:
+        return out.copy_(codes.view(FP8_DTYPES[spec.format]))
+    if spec.is_codebook:
+        return out.copy_(codebook_levels(spec, codes.device)[codes.long()])
+    return out.copy_(codes)

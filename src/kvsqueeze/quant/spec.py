@@ -9,16 +9,26 @@ Grouping axes, for a tensor of shape (batch, kv_heads, tokens, head_dim):
   consecutive channels of ``head_dim``. KIVI's choice for values.
 * ``Axis.CHANNEL`` (per-channel): one scale per channel per ``group_size`` consecutive
   tokens. KIVI's choice for keys, whose outliers live in fixed channels.
+
+Formats: integer codes, FP8 codes, and ``"nf"`` non-uniform codes (an index into a codebook of
+``2**bits`` levels in [-1, 1], see `codebook`). Any format may keep ``outlier_fraction`` of the
+entries of every block of ``outlier_tokens`` tokens exact in a sparse side store (`outliers`).
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 
+from .codebook import check_codebook, normal_float
+
 INT_BITS = (2, 3, 4, 8)
+CODEBOOK_BITS = (2, 3, 4)
+MAX_OUTLIER_FRACTION = 0.25
+OUTLIER_ENTRY_BYTES = 4  # int16 position + float16 value (`outliers`)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -28,6 +38,7 @@ class Format(enum.Enum):
     INT = "int"
     FP8_E4M3 = "fp8_e4m3"
     FP8_E5M2 = "fp8_e5m2"
+    NF = "nf"
 
 
 class Axis(enum.Enum):
@@ -56,8 +67,14 @@ class QuantSpec:
         axis: ``"token"`` or ``"channel"`` grouping (see module docstring).
         group_size: elements sharing one scale: channels (per-token) or tokens (per-channel).
         symmetric: symmetric codes (scale only) instead of scale + zero point.
-        format: ``"int"``, ``"fp8_e4m3"`` or ``"fp8_e5m2"`` (FP8 is symmetric, scale only).
+        format: ``"int"``, ``"fp8_e4m3"``, ``"fp8_e5m2"`` (FP8 is symmetric, scale only) or ``"nf"``
+            (codebook indices; asymmetric groups are normalized by their min and max).
         scale_dtype: dtype of the stored scales and zero points.
+        codebook: ``"nf"`` only: ``2**bits`` increasing levels in [-1, 1] (e.g. fitted by
+            ``kvsqueeze calibrate``); None uses the fixed normal-quantile codebook `normal_float`.
+        outlier_fraction: fraction of entries per block kept exact aside (dense-and-sparse), in
+            [0, 0.25]; 0 disables the side store.
+        outlier_tokens: tokens per outlier block (must divide the cache's ``block_size``).
     """
 
     bits: int = 4
@@ -66,6 +83,9 @@ class QuantSpec:
     symmetric: bool = False
     format: Format = Format.INT
     scale_dtype: str = "float16"
+    codebook: tuple[float, ...] | None = None
+    outlier_fraction: float = 0.0
+    outlier_tokens: int = 64
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "format", _choice(Format, "format", self.format))
@@ -76,6 +96,11 @@ class QuantSpec:
                 raise ValueError(
                     f"bits: {self.bits!r} is not supported for integer codes; allowed: {INT_BITS}"
                 )
+        elif self.format is Format.NF:
+            if not is_int or self.bits not in CODEBOOK_BITS:
+                raise ValueError(
+                    f"bits: {self.bits!r} is not supported for nf codes; allowed: {CODEBOOK_BITS}"
+                )
         elif not is_int or self.bits != 8:
             raise ValueError(f"bits: {self.bits!r} is not supported for {self.format.value}; allowed: (8,)")
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
@@ -84,15 +109,64 @@ class QuantSpec:
             raise ValueError(
                 f"scale_dtype: {self.scale_dtype!r} is not supported; allowed: {list(SCALE_DTYPES)}"
             )
+        self._check_codebook()
+        frac = self.outlier_fraction
+        if (
+            isinstance(frac, bool)
+            or not isinstance(frac, (int, float))
+            or not 0 <= frac <= MAX_OUTLIER_FRACTION
+        ):
+            raise ValueError(f"outlier_fraction: {frac!r} must be a number in [0, {MAX_OUTLIER_FRACTION}]")
+        tokens = self.outlier_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"outlier_tokens: {tokens!r} must be a positive integer")
+
+    def _check_codebook(self) -> None:
+        if self.codebook is None:
+            return
+        if self.format is not Format.NF:
+            raise ValueError(
+                f"codebook: given for format {self.format.value!r}; allowed only with format 'nf'"
+            )
+        if not isinstance(self.codebook, (tuple, list)):
+            raise ValueError(f"codebook: {self.codebook!r} must be a list of {2**self.bits} floats")
+        levels = tuple(float(v) for v in self.codebook)
+        check_codebook(levels, self.bits)
+        object.__setattr__(self, "codebook", levels)
 
     @property
     def is_fp8(self) -> bool:
-        return self.format is not Format.INT
+        return self.format in (Format.FP8_E4M3, Format.FP8_E5M2)
+
+    @property
+    def is_codebook(self) -> bool:
+        return self.format is Format.NF
+
+    @property
+    def levels(self) -> tuple[float, ...]:
+        """The codebook of an ``"nf"`` spec (given or the fixed NF one)."""
+        assert self.is_codebook, "levels: only nf specs have a codebook"
+        return self.codebook if self.codebook is not None else normal_float(self.bits)
+
+    @property
+    def has_outliers(self) -> bool:
+        return self.outlier_fraction > 0
+
+    @property
+    def is_plain(self) -> bool:
+        """Integer or FP8 codes without a side store: what the native kernels read."""
+        return not self.is_codebook and not self.has_outliers
 
     @property
     def has_zero(self) -> bool:
         """Whether a zero point (offset) is stored beside the scale."""
-        return self.format is Format.INT and not self.symmetric
+        return self.format in (Format.INT, Format.NF) and not self.symmetric
+
+    def outlier_count(self, head_dim: int) -> int:
+        """Entries kept exact per block of ``outlier_tokens`` tokens of one head."""
+        if not self.has_outliers:
+            return 0
+        return math.ceil(self.outlier_fraction * self.outlier_tokens * head_dim - 1e-9)
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
@@ -106,8 +180,10 @@ class QuantSpec:
 
     @property
     def bits_per_element(self) -> float:
-        """Average stored bits per element, codes plus scales and zero points."""
-        return self.bits + 8 * self.metadata_bytes_per_group / self.group_size
+        """Average stored bits per element: codes, scales, zero points and the outlier side store
+        (nominal ``outlier_fraction``; `bytes_per_token` counts the whole entries really kept)."""
+        outliers = 8 * OUTLIER_ENTRY_BYTES * self.outlier_fraction
+        return self.bits + 8 * self.metadata_bytes_per_group / self.group_size + outliers
 
     def check_head_dim(self, head_dim: int, field: str = "group_size") -> None:
         """Raise if codes of this spec cannot tile a head of ``head_dim`` channels."""
@@ -117,6 +193,11 @@ class QuantSpec:
                 f"head_dim: {head_dim} cannot be bit-packed at {self.bits} bits; it must be a multiple of "
                 f"{codes_per_byte}"
             )
+        if self.has_outliers and self.outlier_tokens * head_dim > 2**15:
+            raise ValueError(
+                f"outlier_tokens: {self.outlier_tokens} x head_dim {head_dim} positions do not fit the int16 "
+                f"outlier index; allowed: outlier_tokens <= {2**15 // head_dim}"
+            )
         if self.axis is Axis.TOKEN and head_dim % self.group_size:
             divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
             raise ValueError(
@@ -125,7 +206,12 @@ class QuantSpec:
             )
 
     def check_block_size(self, block_size: int, field: str = "group_size") -> None:
-        """Raise if per-channel groups do not tile a block of ``block_size`` tokens."""
+        """Raise if per-channel groups (or outlier blocks) do not tile a block of ``block_size`` tokens."""
+        if self.has_outliers and block_size % self.outlier_tokens:
+            prefix = field.rsplit(".", 1)[0] + "." if "." in field else ""
+            raise ValueError(
+                f"{prefix}outlier_tokens: {self.outlier_tokens} does not divide block_size {block_size}"
+            )
         if self.axis is Axis.CHANNEL and block_size % self.group_size:
             divisors = [d for d in range(1, block_size + 1) if block_size % d == 0]
             raise ValueError(
@@ -134,13 +220,17 @@ class QuantSpec:
             )
 
     def bytes_per_token(self, num_kv_heads: int, head_dim: int) -> float:
-        """Stored bytes per token for one layer's keys (or values): codes + scales + zero points."""
-        return num_kv_heads * head_dim * self.bits_per_element / 8
+        """Stored bytes per token for one layer's keys (or values): codes + scales + zero points +
+        outlier side store (whole entries per block)."""
+        dense = self.bits + 8 * self.metadata_bytes_per_group / self.group_size
+        outliers = OUTLIER_ENTRY_BYTES * self.outlier_count(head_dim) / self.outlier_tokens
+        return num_kv_heads * (head_dim * dense / 8 + outliers)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["axis"] = self.axis.value
         d["format"] = self.format.value
+        d["codebook"] = None if self.codebook is None else list(self.codebook)
         return d
 
     @classmethod

@@ -15,18 +15,24 @@ from ..config import CacheConfig
 from ..policies.window import SinkWindowPolicy
 from .exact_buffer import ExactBuffer
 from .pages import PagedStore
+from .transform import PageTransform
 
 
 class LayerStore:
     """Keys and values of one layer, shape (batch, kv_heads, tokens, head_dim) each."""
 
-    def __init__(self, config: CacheConfig) -> None:
+    def __init__(
+        self,
+        config: CacheConfig,
+        key_transform: PageTransform | None = None,
+        value_transform: PageTransform | None = None,
+    ) -> None:
         self.policy = SinkWindowPolicy(config.sink_tokens, config.residual_window, config.block_size)
         self.sink_k, self.sink_v = ExactBuffer(config.sink_tokens), ExactBuffer(config.sink_tokens)
         window_capacity = max(config.residual_window, config.block_size)
         self.window_k, self.window_v = ExactBuffer(window_capacity), ExactBuffer(window_capacity)
-        self.packed_k = PagedStore(config.key, config.page_tokens)
-        self.packed_v = PagedStore(config.value, config.page_tokens)
+        self.packed_k = PagedStore(config.key, config.page_tokens, key_transform)
+        self.packed_v = PagedStore(config.value, config.page_tokens, value_transform)
 
     @property
     def num_tokens(self) -> int:

@@ -1,7 +1,8 @@
 """`PagedStore`: one layer's packed keys (or values), in preallocated pages that grow one at a time.
 
 A page holds ``page_tokens`` tokens in one format (`PackedTensor`, or `ExactTensor` when the spec
-is None). Tokens are appended in whole blocks, written once and never re-quantized; appending
+is None). An optional `PageTransform` (pre-RoPE, rotation) is applied before quantization; the
+readers undo it with `restore_`. Tokens are appended in whole blocks, written once and never re-quantized; appending
 costs O(new tokens) and never copies what is already stored.
 """
 
@@ -14,6 +15,7 @@ import torch
 from ..quant.exact import ExactTensor
 from ..quant.packed import PackedTensor
 from ..quant.spec import QuantSpec
+from .transform import PageTransform
 
 Page = PackedTensor | ExactTensor
 
@@ -21,9 +23,12 @@ Page = PackedTensor | ExactTensor
 class PagedStore:
     """Packed history of one tensor kind of one layer, shape (batch, kv_heads, num_tokens, head_dim)."""
 
-    def __init__(self, spec: QuantSpec | None, page_tokens: int) -> None:
+    def __init__(
+        self, spec: QuantSpec | None, page_tokens: int, transform: PageTransform | None = None
+    ) -> None:
         self.spec = spec
         self.page_tokens = page_tokens
+        self.transform = None if transform is None or transform.is_identity or spec is None else transform
         self.pages: list[Page] = []
         self.num_tokens = 0
 
@@ -38,6 +43,8 @@ class PagedStore:
 
     def append(self, x: torch.Tensor) -> None:
         """Quantize and store ``x`` (batch, kv_heads, n, head_dim), n a whole number of blocks."""
+        if self.transform is not None:
+            x = self.transform.encode(x, self.num_tokens)
         encoded = self._encode(x)
         done = 0
         while done < x.shape[-2]:
@@ -64,7 +71,12 @@ class PagedStore:
         for page in self.filled():
             page.dequantize(out=out[:, :, start : start + page.num_tokens])
             start += page.num_tokens
-        return out
+        return self.restore_(out, 0)
+
+    def restore_(self, out: torch.Tensor, start: int) -> torch.Tensor:
+        """In place: undo the transform on dequantized stored tokens ``start ..`` held in ``out``
+        (batch, kv_heads, n, head_dim); a no-op without a transform."""
+        return out if self.transform is None else self.transform.decode_(out, start)
 
     @property
     def nbytes(self) -> int:

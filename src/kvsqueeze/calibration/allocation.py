@@ -1,0 +1,126 @@
+"""Per-layer bit allocation (KVTuner-style): measure each layer's sensitivity, then spend a bit budget.
+
+Sensitivity is measured by the model's output error on calibration text: for one layer at a time
+and one tensor kind (keys or values) at one bit width, every other tensor stays exact; the
+calibration tokens are prefilled (``sink_tokens + prefill_tokens``, all of it quantized: no
+residual window) and the mean KL(exact || quantized) of the next ``score_tokens`` predictions is
+the sensitivity. Assuming the errors add up, `allocate` solves the multiple-choice knapsack
+greedily: every tensor starts at the lowest width, and the upgrade with the largest drop of
+sensitivity per added bit is taken while the average bits/element stays within the target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from ..config import CacheConfig, LayerOverride
+from ..quant.spec import QuantSpec
+
+Sensitivity = dict[str, dict[int, dict[int, float]]]  # kind -> layer -> bits -> mean KLD
+SpecFor = Callable[[str, int, int], QuantSpec]  # (kind, layer, bits) -> spec
+
+
+def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    ref, test = torch.log_softmax(ref_logits.float(), -1), torch.log_softmax(logits.float(), -1)
+    return (ref.exp() * (ref - test)).sum(-1).mean().item()
+
+
+def _score(model: Any, ids: torch.Tensor, make_cache: Callable[[], Any], prefill: int) -> torch.Tensor:
+    cache = make_cache()
+    with torch.inference_mode():
+        model(input_ids=ids[None, :prefill], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids[None, prefill:], past_key_values=cache, use_cache=True)
+    return out.logits[0]
+
+
+def measure(
+    model: Any,
+    ids: torch.Tensor,
+    base: CacheConfig,
+    spec_for: SpecFor,
+    bits_menu: tuple[int, ...],
+    layers: list[int],
+    prefill_tokens: int = 256,
+    progress: Callable[[str], None] | None = None,
+) -> Sensitivity:
+    """Sensitivity of every (kind, layer, bits); ``ids`` (tokens,) holds prefill plus scored tokens."""
+    from transformers import DynamicCache
+
+    from ..integrations.cache import SqueezedCache
+
+    prefill = base.sink_tokens + prefill_tokens
+    exact = _score(model, ids, lambda: DynamicCache(config=model.config), prefill)
+    probe = base.replace(key=None, value=None, residual_window=0, layer_overrides=())
+    sens: Sensitivity = {"key": {}, "value": {}}
+    for kind in ("key", "value"):
+        for layer in layers:
+            sens[kind][layer] = {}
+            for bits in bits_menu:
+                spec = spec_for(kind, layer, bits)
+                over = LayerOverride(
+                    layer, spec if kind == "key" else None, spec if kind == "value" else None
+                )
+                cfg = probe.replace(layer_overrides=(over,))
+                logits = _score(model, ids, lambda cfg=cfg: SqueezedCache(cfg, model.config), prefill)
+                sens[kind][layer][bits] = _kl(exact, logits)
+            if progress:
+                progress(
+                    f"{kind} layer {layer}: "
+                    + ", ".join(f"{b}b {v:.5f}" for b, v in sens[kind][layer].items())
+                )
+    return sens
+
+
+def allocate(sens: Sensitivity, spec_for: SpecFor, target_bits: float) -> dict[tuple[str, int], int]:
+    """Bits per (kind, layer) with mean ``spec.bits_per_element`` <= ``target_bits`` (greedy)."""
+    choice = {(k, layer): min(bits) for k, per_layer in sens.items() for layer, bits in per_layer.items()}
+
+    def cost(kind: str, layer: int, bits: int) -> float:
+        return spec_for(kind, layer, bits).bits_per_element
+
+    total = sum(cost(k, layer, b) for (k, layer), b in choice.items())
+    budget = target_bits * len(choice)
+    if total > budget + 1e-9:
+        raise ValueError(
+            f"target_bits: {target_bits} is below the lowest width's {total / len(choice):.3f} b/el"
+        )
+    while True:
+        best = None
+        for (kind, layer), bits in choice.items():
+            wider = sorted(b for b in sens[kind][layer] if b > bits)
+            for b in wider:
+                extra = cost(kind, layer, b) - cost(kind, layer, bits)
+                if total + extra > budget + 1e-9:
+                    continue
+                gain = (sens[kind][layer][bits] - sens[kind][layer][b]) / extra
+                if best is None or gain > best[0]:
+                    best = (gain, kind, layer, b, extra)
+        if best is None or best[0] <= 0:
+            return choice
+        _, kind, layer, b, extra = best
+        choice[(kind, layer)] = b
+        total += extra
+
+
+def overrides(choice: dict[tuple[str, int], int], spec_for: SpecFor) -> tuple[LayerOverride, ...]:
+    layers = sorted({layer for _, layer in choice})
+    return tuple(
+        LayerOverride(
+            layer,
+            spec_for("key", layer, choice[("key", layer)]),
+            spec_for("value", layer, choice[("value", layer)]),
+        )
+        for layer in layers
+    )
+
+
+def with_bits(spec: QuantSpec, bits: int, codebook: tuple[float, ...] | None = None) -> QuantSpec:
+    """``spec`` at ``bits`` bits (a fitted ``codebook`` for nf specs, else the fixed one); nf specs
+    become asymmetric int8 at 8 bits (codebooks stop at 4 bits)."""
+    if spec.is_codebook and bits == 8:
+        return replace(spec, bits=8, format="int", symmetric=False, codebook=None)
+    return replace(spec, bits=bits, codebook=codebook if spec.is_codebook else None)

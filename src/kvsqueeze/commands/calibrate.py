@@ -1,0 +1,76 @@
+"""`kvsqueeze calibrate`: per-layer statistics, codebooks and bit allocation for a model, as a JSON file.
+
+kvsqueeze calibrate --model smollm2-135m --text-file wiki.txt --preset best-2bit --target-bits 2.75 \\
+    --out calib/smollm2-2bit.json
+kvsqueeze eval quality --methods exact,calib/smollm2-2bit.json
+
+The calibration slice is the last ``--tokens`` tokens of the text (evaluation uses its start).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import console
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..models import DEFAULT_MODEL
+
+    p = sub.add_parser(
+        "calibrate", help="fit per-layer codebooks and bit allocation on text; save a config file"
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="named model, local folder or hub id")
+    p.add_argument("--text-file", default=None, help="calibration text (default: the WikiText-2 test file)")
+    p.add_argument(
+        "--preset",
+        default="best-3bit",
+        help="base configuration: preset name or config .json (formats, transforms, window)",
+    )
+    p.add_argument(
+        "--target-bits", type=float, default=None, help="average bits/element (default: the preset's)"
+    )
+    p.add_argument("--bits", default="2,3,4", help="bit widths a layer may get")
+    p.add_argument(
+        "--tokens", type=int, default=1024, help="calibration tokens, taken from the END of the text"
+    )
+    p.add_argument("--prefill", type=int, default=256, help="quantized context per sensitivity probe")
+    p.add_argument("--score", type=int, default=64, help="scored predictions per sensitivity probe")
+    p.add_argument(
+        "--reuse", default=None, help="earlier calibration file: reuse its sensitivities, redo allocation"
+    )
+    p.add_argument("--out", default="calibration.json")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..calibration.run import calibrate, save
+    from ..config import CacheConfig, resolve_config
+    from ..eval.text import default_text_file, load_text, tokenize_text
+    from ..models import load_model
+
+    base = CacheConfig.load(args.preset) if args.preset.endswith(".json") else resolve_config(args.preset)
+    bits = tuple(int(b) for b in args.bits.split(",") if b.strip())
+    if not bits or any(b not in (2, 3, 4, 8) for b in bits):
+        raise ValueError(f"--bits: {args.bits!r} must list widths from (2, 3, 4, 8)")
+    target = args.target_bits if args.target_bits is not None else base.bits_per_element()
+    text_file = args.text_file or default_text_file()
+    if text_file is None:
+        raise ValueError("--text-file: no default text found; pass --text-file PATH")
+    model, tokenizer = load_model(args.model)
+    ids = tokenize_text(tokenizer, load_text(text_file))
+    reuse = None
+    if args.reuse:
+        import json
+        from pathlib import Path
+
+        reuse = json.loads(Path(args.reuse).read_text())["calibration"]
+    data = calibrate(
+        model, ids, base, target, bits, args.tokens, args.prefill, args.score, log=console.print, reuse=reuse
+    )
+    path = save(data, args.out, args.model, str(text_file))
+    cal = data["calibration"]
+    console.print(
+        f"saved {path}: {cal['bits_per_element']:.3f} bits/element (target {target}); calibration slice "
+        f"{cal['slice']}"
+    )

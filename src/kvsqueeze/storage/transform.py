@@ -1,0 +1,69 @@
+"""`PageTransform`: what happens to keys or values on their way into packed pages and back out.
+
+Encode (before quantization), for tokens whose first one sits at cache position ``start``:
+
+1. pre-RoPE (keys, KVQuant): undo the model's rotary embedding at each token's position;
+2. rotation (QuaRot / llama.cpp): ``x @ Q`` with a seeded orthogonal ``Q`` (`quant.rotation`).
+
+Decode (after dequantization, in place) runs the inverse steps in reverse order, so the reference
+path hands attention ordinary post-RoPE keys and values: ``Q @ Q.T == I`` and RoPE is a rotation,
+so attention is unchanged up to the quantization error. Exact tokens (sinks, residual window, new
+tokens) never pass through a transform.
+
+Positions are cache indices: packed token ``j`` sits at ``position_offset + j`` (the sinks come
+first). For left-padded batches this differs from the model's position ids by the padding, which
+only shifts the pre-RoPE domain of those rows: decode still inverts encode exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import CacheConfig
+from ..quant.rope import Rope
+from ..quant.rotation import rotate, rotation_matrix, unrotate_
+
+
+@dataclass(frozen=True)
+class PageTransform:
+    """``rotation`` (head_dim, head_dim) orthogonal or None; ``rope`` for pre-RoPE keys or None."""
+
+    rotation: torch.Tensor | None = None
+    rope: Rope | None = None
+    position_offset: int = 0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.rotation is None and self.rope is None
+
+    def encode(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """``x`` (batch, kv_heads, n, head_dim), packed tokens ``start .. start + n - 1``, transformed."""
+        if self.rope is not None:
+            x = self.rope.apply(x, self.position_offset + start, inverse=True)
+        if self.rotation is not None:
+            x = rotate(x, self.rotation)
+        return x
+
+    def decode_(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """In place: the inverse of `encode` on dequantized ``x`` (batch, kv_heads, n, head_dim)."""
+        if self.rotation is not None:
+            unrotate_(x, self.rotation)
+        if self.rope is not None:
+            x.copy_(self.rope.apply(x, self.position_offset + start))
+        return x
+
+
+def layer_transforms(
+    config: CacheConfig, head_dim: int, rope: Rope | None
+) -> tuple[PageTransform | None, PageTransform | None]:
+    """Key and value transforms of one layer's config; ``rope`` None disables pre-RoPE keys."""
+    q = rotation_matrix(head_dim, config.rotation_seed)
+    key = PageTransform(
+        q if config.rotate_keys else None,
+        rope if config.pre_rope_keys else None,
+        position_offset=config.sink_tokens,
+    )
+    value = PageTransform(q if config.rotate_values else None)
+    return (None if key.is_identity else key), (None if value.is_identity else value)
