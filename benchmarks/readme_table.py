@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from kvsqueeze.calibration.bundled import bundled_config
+from kvsqueeze.config import CacheConfig
 from kvsqueeze.eval.methods import method_available, resolve_method
 from kvsqueeze.eval.perplexity import StreamSpec
 from kvsqueeze.eval.quality import evaluate_quality
@@ -37,15 +39,17 @@ from kvsqueeze.eval.text import default_text_file, load_text, tokenize_text
 from kvsqueeze.models import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = "exact,int8,fp8,k4v4,k4v2,k2v2,quanto-int4"
+METHODS = "exact,int8,fp8,k4v4,k4v2,k2v2,best-4bit,best-3bit,best-2bit,quanto-int4"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 FP16_BYTES = 2
 
 
 def fused_name(name: str) -> str | None:
-    """``name@fused`` for kvsqueeze presets and configs (those that have a fused path), else None."""
+    """``name@fused`` for kvsqueeze configs the native kernels read (plain int/FP8 pages), else None."""
     method = resolve_method(name)
-    return None if method.config.get("cache") or name.endswith("@fused") else f"{name}@fused"
+    if method.config.get("cache") or name.endswith("@fused"):
+        return None
+    return f"{name}@fused" if CacheConfig.from_dict(method.config).kernel_readable else None
 
 
 def kv_elements(model) -> int:  # noqa: ANN001
@@ -56,7 +60,7 @@ def kv_elements(model) -> int:  # noqa: ANN001
 
 
 def table_rows(
-    quality: list[dict], retrieval: list[dict], speed: list[dict], fp16_per_token: int
+    quality: list[dict], retrieval: list[dict], speed: list[dict], fp16_per_token: int, bits: dict[str, float]
 ) -> list[dict]:
     by_speed = {r["method"]: r for r in speed}
     rows = []
@@ -69,7 +73,7 @@ def table_rows(
         rows.append(
             {
                 "method": name,
-                "bits_per_element": q["bits_per_element"],
+                "bits_per_element": bits.get(name, q["bits_per_element"]),
                 "kv_bytes_per_token": per_token,
                 "kv_vs_fp16": per_token / fp16_per_token if per_token else None,
                 "ppl": q["ppl"],
@@ -178,7 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     speed = run_grid(bench, speed_methods, lambda _m: model, ids)
 
     env = environment()
-    rows = table_rows(quality, retrieval, speed, kv_elements(model) * FP16_BYTES)
+    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    bits = {  # best-* names resolve to the bundled calibration of the embedded model
+        m.name: config.bits_per_element(num_layers=num_layers)
+        for m in methods
+        if (config := bundled_config(m.name, model.config)) is not None
+    }
+    rows = table_rows(quality, retrieval, speed, kv_elements(model) * FP16_BYTES, bits)
     command = "python benchmarks/readme_table.py"
     block = markdown(rows, env, stream.num_scored, f"2k, depths 0.5/0.9, {args.seeds} keys each", command)
     config = {
