@@ -118,7 +118,9 @@ def markdown(rows: list[dict], env: dict, num_scored: int, passkey_desc: str, co
         "exact cache on the same tokens (the paired difference is far tighter than the ± — see KLD). KV bytes: everything the cache holds after a 2048-token "
         "prompt + 16 tokens (sinks and residual window in the model's dtype, fp32 here) ÷ tokens, and "
         "÷ an fp16 cache. Decode: batch 1, 2048-token context, median of 3; in parentheses the fused "
-        'read path (`attn_implementation="kvsqueeze"`).',
+        'read path (`attn_implementation="kvsqueeze"`); "–": no fused path (transformers baselines; '
+        "configs with codebooks, outliers, rotation or pre-RoPE keys, such as `best-*`, are read by the "
+        "reference path, which also de-rotates and re-applies RoPE every step).",
     ]
     return "\n".join(lines)
 
