@@ -9,6 +9,7 @@ import torch
 
 from kvsqueeze import SqueezedCache, load_model
 from kvsqueeze.cli import main
+from kvsqueeze.config import PRESETS
 from kvsqueeze.eval.text import default_text_file, load_text
 
 pytestmark = pytest.mark.model
@@ -86,3 +87,27 @@ def test_cli_demo_small(tmp_path, capsys):
 def test_cli_bad_input_names_the_field(argv, needle, capsys):
     assert main(argv) == 2
     assert needle in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_cli_generate_takes_a_config_json(tmp_path, capsys):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(PRESETS["k4v4"].replace(residual_window=64).to_dict()))
+    assert (
+        main(["generate", "What is the capital of France?", "--kv", str(path), "--max-new-tokens", "4"]) == 0
+    )
+    assert "mine.json" in capsys.readouterr().err  # the report names the config it used
+
+
+def test_cli_demo_sizes_best_presets_as_their_bundled_calibration(tmp_path):
+    from transformers import AutoConfig
+
+    from kvsqueeze.calibration.bundled import bundled_config
+    from kvsqueeze.models import resolve_model
+
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--presets", "best-2bit", "--new-tokens", "2", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    bundled = bundled_config("best-2bit", AutoConfig.from_pretrained(resolve_model("smollm2-135m")))
+    assert bundled is not None and bundled.layer_overrides
+    assert row["packed_bytes_per_token"] == pytest.approx(bundled.bytes_per_token(30, 3, 64, 4))
+    assert row["packed_bytes_per_token"] != pytest.approx(PRESETS["best-2bit"].bytes_per_token(30, 3, 64, 4))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import PRESETS, preset
+from ..config import PRESETS, TOKEN_PRESETS, CacheConfig, preset
 from .common import console, model_shape
 
 ATTN_PATHS = {"fused": "kvsqueeze", "reference": None}
@@ -18,7 +18,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("prompt", nargs="?", default="", help="the prompt (or use --prompt-file)")
     gen.add_argument("--prompt-file", help="read the prompt from this file")
     gen.add_argument("--model", default=DEFAULT_MODEL, help="named model, local folder or hub id")
-    gen.add_argument("--kv", default="k4v2", help=f"KV cache preset: {', '.join(PRESETS)}")
+    gen.add_argument(
+        "--kv",
+        default="k4v2",
+        help=f"KV cache preset: {', '.join([*PRESETS, *TOKEN_PRESETS])}, or a config JSON",
+    )
     gen.add_argument(
         "--attn",
         choices=ATTN_PATHS,
@@ -42,7 +46,11 @@ def run(args: argparse.Namespace) -> None:
     from ..integrations.cache import SqueezedCache
     from ..models import load_model
 
-    kv = preset(args.kv)
+    # a preset name goes to the cache as a name: best-* then pick the bundled calibration of the model
+    source = args.kv
+    kv = CacheConfig.load(source) if source.endswith(".json") else preset(source)
+    if source.endswith(".json"):
+        source = kv
     if args.prompt_file and not Path(args.prompt_file).is_file():
         raise ValueError(f"prompt_file: {args.prompt_file!r} does not exist")
     prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
@@ -66,7 +74,7 @@ def run(args: argparse.Namespace) -> None:
             f"prompt: {inputs['input_ids'].shape[-1]} tokens + max_new_tokens {args.max_new_tokens} = {total} "
             f"exceed the model's context of {max_tokens} tokens"
         )
-    cache = SqueezedCache.from_model(model, kv)
+    cache = SqueezedCache.from_model(model, source)
     if kv.tokens is not None:  # modality placeholders of the model's config; the rest is text
         from ..policies.roles import roles_from_ids
 

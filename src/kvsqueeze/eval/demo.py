@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..config import PRESETS, resolve_config
+from ..config import resolve_config
 from ..integrations.cache import SqueezedCache
 from .demo_text import DEMO_DOCUMENT, DEMO_QUESTION
 from .generation import agreement, greedy_decode
@@ -73,7 +73,10 @@ def run_demo(
         )
         agree, first = agreement(exact.argmax, run.argmax)
         held = cache.nbytes() / cache.get_seq_length()
-        packed = PRESETS[name].bytes_per_token(cfg.num_hidden_layers, num_kv_heads, head_dim, exact_bytes)
+        # the cache's own config: best-* names resolve to the model's bundled calibration
+        packed = cache.cache_config.bytes_per_token(
+            cfg.num_hidden_layers, num_kv_heads, head_dim, exact_bytes
+        )
         rows.append(
             DemoRow(
                 preset=name,
