@@ -74,7 +74,10 @@ def _fused(name: str) -> Method:
         raise ValueError(f"method: {name!r}: {FUSED_SUFFIX} applies to kvsqueeze presets and configs only")
     config = CacheConfig.from_dict(base.config)
     cfg = {**base.config, "attn_implementation": "kvsqueeze"}
-    return Method(base.name + FUSED_SUFFIX, _squeezed(config, fused=True), cfg, base.bits_per_element)
+    source = (
+        base.name if base.name in PRESETS or base.name in TOKEN_PRESETS else config
+    )  # names: bundled configs
+    return Method(base.name + FUSED_SUFFIX, _squeezed(source, fused=True), cfg, base.bits_per_element)
 
 
 def _baseline(backend: str, bits: int) -> Callable[[Any], Any]:
