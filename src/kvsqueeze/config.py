@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .policies import presses
 from .policies.plan import TokenPolicy
-from .quant.spec import QuantSpec
+from .quant.spec import QuantSpec, as_spec, from_fields
 
 __all__ = [
     "PRESETS",
@@ -39,13 +39,9 @@ class LayerOverride:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ValueError(f"layer_overrides.layer: {self.layer!r} must be an integer >= 0")
         for name in ("key", "value"):
-            spec = getattr(self, name)
-            if isinstance(spec, dict):
-                object.__setattr__(self, name, QuantSpec.from_dict(spec))
-            elif spec is not None and not isinstance(spec, QuantSpec):
-                raise ValueError(
-                    f"layer_overrides[{self.layer}].{name}: {spec!r} must be a QuantSpec, a dict or None"
-                )
+            object.__setattr__(
+                self, name, as_spec(getattr(self, name), f"layer_overrides[{self.layer}].{name}")
+            )
 
     def to_dict(self) -> dict:
         def d(spec: QuantSpec | None) -> dict | None:
@@ -55,11 +51,7 @@ class LayerOverride:
 
     @classmethod
     def from_dict(cls, data: dict) -> LayerOverride:
-        allowed = [f.name for f in fields(cls)]
-        unknown = set(data) - set(allowed)
-        if unknown:
-            raise ValueError(f"layer_overrides: unknown keys {sorted(unknown)}; allowed: {allowed}")
-        return cls(**data)
+        return from_fields(cls, data, "layer_overrides")
 
 
 @dataclass(frozen=True)
@@ -116,13 +108,7 @@ class CacheConfig:
         elif self.tokens is not None and not isinstance(self.tokens, TokenPolicy):
             raise ValueError(f"tokens: {self.tokens!r} must be a TokenPolicy, a dict of its fields, or None")
         for name in ("key", "value"):
-            spec = getattr(self, name)
-            if isinstance(spec, dict):
-                object.__setattr__(self, name, QuantSpec.from_dict(spec))
-            elif spec is not None and not isinstance(spec, QuantSpec):
-                raise ValueError(
-                    f"{name}: {spec!r} must be a QuantSpec, a dict of its fields, or None (exact)"
-                )
+            object.__setattr__(self, name, as_spec(getattr(self, name), name))
         for name in ("sink_tokens", "residual_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -257,11 +243,7 @@ class CacheConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> CacheConfig:
-        allowed = [f.name for f in fields(cls)]
-        unknown = set(data) - set(allowed)
-        if unknown:
-            raise ValueError(f"CacheConfig: unknown keys {sorted(unknown)}; allowed: {allowed}")
-        return cls(**data)
+        return from_fields(cls, data, "CacheConfig")
 
     @classmethod
     def load(cls, path: str | Path) -> CacheConfig:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from ..quant.spec import QuantSpec
+from ..quant.spec import QuantSpec, as_spec, from_fields
 from .classes import Precision, precision
 from .importance import AttentionScore, KeyNormScore, KeyRangeScore
 from .roles import RolePolicy
@@ -79,9 +79,7 @@ class TokenPolicy:
             raise ValueError(f"tokens.scorer: {self.scorer!r} is unknown; allowed: {list(SCORERS)}")
         AttentionScore(self.observe_window, self.pool_size)
         for name in ("high_key", "high_value"):
-            spec = getattr(self, name)
-            if isinstance(spec, dict):
-                object.__setattr__(self, name, QuantSpec.from_dict(spec))
+            object.__setattr__(self, name, as_spec(getattr(self, name), f"tokens.{name}"))
         ke = self.keep_exact
         if isinstance(ke, bool) or not (
             isinstance(ke, int) and ke >= 0 or isinstance(ke, float) and 0 <= ke <= 1
@@ -159,8 +157,4 @@ class TokenPolicy:
 
     @classmethod
     def from_dict(cls, data: dict) -> TokenPolicy:
-        allowed = [f.name for f in fields(cls)]
-        unknown = set(data) - set(allowed)
-        if unknown:
-            raise ValueError(f"tokens: unknown keys {sorted(unknown)}; allowed: {allowed}")
-        return cls(**data)
+        return from_fields(cls, data, "tokens")

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 
@@ -235,9 +236,24 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantSpec:
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(
-                f"QuantSpec: unknown keys {sorted(unknown)}; allowed: {list(cls.__dataclass_fields__)}"
-            )
-        return cls(**data)
+        return from_fields(cls, data, "QuantSpec")
+
+
+def from_fields(cls: type, data: dict, label: str) -> Any:
+    """``cls(**data)`` for the dataclass ``cls``; ValueError naming ``label`` and the allowed keys when
+    ``data`` has keys that are not its fields."""
+    allowed = [f.name for f in fields(cls)]
+    unknown = set(data) - set(allowed)
+    if unknown:
+        raise ValueError(f"{label}: unknown keys {sorted(unknown)}; allowed: {allowed}")
+    return cls(**data)
+
+
+def as_spec(value: object, field: str) -> QuantSpec | None:
+    """``value`` as a QuantSpec (given one, a dict of its fields, or None for exact); ValueError naming
+    ``field`` otherwise."""
+    if value is None or isinstance(value, QuantSpec):
+        return value
+    if isinstance(value, dict):
+        return QuantSpec.from_dict(value)
+    raise ValueError(f"{field}: {value!r} must be a QuantSpec, a dict of its fields, or None (exact)")
