@@ -27,6 +27,16 @@ def tiny_llama_config() -> LlamaConfig:
     )
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are latency-bound: one torch thread is faster and immune to CPU oversubscription.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama() -> LlamaForCausalLM:
     """The tiny random Llama (seed 0), in eval mode."""

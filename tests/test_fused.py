@@ -51,13 +51,7 @@ PAD = 0
 needs_kernels = pytest.mark.skipif(not cpu.available(), reason="native CPU kernels could not be built")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny shapes are latency-bound; one thread also keeps timings immune to a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------ 1. kernels, synthetic

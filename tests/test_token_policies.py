@@ -25,12 +25,7 @@ CHUNKS = [100] + [1, 7] * 10 + [1] * 6  # 186 tokens: chunked prefill, then deco
 needs_kernels = pytest.mark.skipif(not cpu.available(), reason="native CPU kernels could not be built")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(tokens: TokenPolicy, key: QuantSpec | None = None, value: QuantSpec | None = None) -> CacheConfig:
