@@ -25,6 +25,7 @@ from transformers import DynamicCache, QuantizedCache
 
 from kvsqueeze import SqueezedCache, load_model
 from kvsqueeze.eval.generation import greedy_decode
+from kvsqueeze.eval.memory import store_tensor_bytes
 from kvsqueeze.eval.perplexity import StreamSpec, streamed_perplexity
 from kvsqueeze.eval.report import environment, save_results
 from kvsqueeze.eval.text import default_text_file, load_text, tokenize_text
@@ -52,15 +53,7 @@ def squeezed(name: str):
 
 def held_tensor_bytes(cache: SqueezedCache) -> int:
     """Walk every tensor reachable from the layers' stores (independent of the nbytes bookkeeping)."""
-    seen, total = set(), 0
-    for layer in cache.layers:
-        for buf in layer.store.buffers():
-            tensors = [buf.data] if hasattr(buf, "data") else [t for p in buf.pages for t in p.tensors()]
-            for t in tensors:
-                if t is not None and t.data_ptr() not in seen:
-                    seen.add(t.data_ptr())
-                    total += t.untyped_storage().nbytes()
-    return total
+    return store_tensor_bytes(layer.store for layer in cache.layers)
 
 
 def run_memory(model, ids: torch.Tensor) -> list[dict]:

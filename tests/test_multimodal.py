@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from kvsqueeze.config import QuantSpec, preset
+from kvsqueeze.eval.memory import store_tensor_bytes
 from kvsqueeze.integrations import SqueezedCache
 from kvsqueeze.policies import Precision, Role, roles_from_ids
 from kvsqueeze.policies.roles import modality_token_ids
@@ -89,15 +90,7 @@ MODELS = {"llava": llava, "qwen2-vl": qwen2_vl}
 
 
 def held_bytes(cache: SqueezedCache) -> int:
-    seen, total = set(), 0
-    for layer in cache.layers:
-        for buf in layer.store.buffers():
-            tensors = [buf.data] if hasattr(buf, "data") else [t for p in buf.pages for t in p.tensors()]
-            for t in tensors:
-                if t is not None and t.data_ptr() not in seen:
-                    seen.add(t.data_ptr())
-                    total += t.untyped_storage().nbytes()
-    return total
+    return store_tensor_bytes(layer.store for layer in cache.layers)
 
 
 @pytest.mark.parametrize("name", MODELS)

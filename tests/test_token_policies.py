@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvsqueeze.config import TOKEN_PRESETS, CacheConfig, QuantSpec, preset
+from kvsqueeze.eval.memory import store_tensor_bytes
 from kvsqueeze.eval.methods import resolve_method
 from kvsqueeze.integrations import SqueezedCache, register
 from kvsqueeze.kernels import cpu
@@ -92,18 +93,7 @@ def test_plan_roles_force_classes_and_rows_must_agree() -> None:
 
 def held_bytes(store: MixedLayerStore) -> int:
     """Bytes of every distinct tensor the store holds (independent of its own accounting)."""
-    seen, total = set(), 0
-    tensors = [
-        t
-        for buf in store.buffers()
-        for t in ([buf.data] if hasattr(buf, "data") else [x for p in buf.pages for x in p.tensors()])
-    ]
-    tensors += list(store.pending or ())
-    for t in tensors:
-        if t is not None and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.untyped_storage().nbytes()
-    return total
+    return store_tensor_bytes([store])
 
 
 def test_store_sends_roles_to_classes_and_counts_bytes() -> None:

@@ -25,6 +25,7 @@ import ctypes.util
 import gc
 import resource
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,18 @@ def held_tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(held_tensor_bytes(v, seen) for v in obj)
     return 0
+
+
+def store_tensor_bytes(stores: Iterable[Any]) -> int:
+    """Bytes of the distinct tensor storages kvsqueeze layer stores hold, found by walking their
+    buffers (exact buffers' ``data``, paged stores' pages, a mixed store's pending tokens) rather
+    than by their own ``nbytes`` bookkeeping, which it checks."""
+    tensors: list[torch.Tensor] = []
+    for store in stores:
+        for buf in store.buffers():
+            tensors += [buf.data] if hasattr(buf, "data") else [t for p in buf.pages for t in p.tensors()]
+        tensors += list(getattr(store, "pending", None) or ())
+    return held_tensor_bytes([t for t in tensors if t is not None])
 
 
 def cache_nbytes(cache: Any) -> tuple[int, str]:
