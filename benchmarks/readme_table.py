@@ -31,7 +31,7 @@ from kvsqueeze.calibration.bundled import bundled_config
 from kvsqueeze.config import CacheConfig
 from kvsqueeze.eval.methods import method_available, resolve_method
 from kvsqueeze.eval.perplexity import StreamSpec
-from kvsqueeze.eval.quality import evaluate_quality
+from kvsqueeze.eval.quality import evaluate_quality, kv_elements_per_token
 from kvsqueeze.eval.report import environment, save_results
 from kvsqueeze.eval.retrieval import RetrievalSpec, evaluate_retrieval
 from kvsqueeze.eval.speed import BenchConfig, run_grid
@@ -50,13 +50,6 @@ def fused_name(name: str) -> str | None:
     if method.config.get("cache") or name.endswith("@fused"):
         return None
     return f"{name}@fused" if CacheConfig.from_dict(method.config).kernel_readable else None
-
-
-def kv_elements(model) -> int:  # noqa: ANN001
-    cfg = model.config.get_text_config(decoder=True)
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * heads * head_dim
 
 
 def table_rows(
@@ -190,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in methods
         if (config := bundled_config(m.name, model.config)) is not None
     }
-    rows = table_rows(quality, retrieval, speed, kv_elements(model) * FP16_BYTES, bits)
+    rows = table_rows(quality, retrieval, speed, kv_elements_per_token(model.config) * FP16_BYTES, bits)
     command = "python benchmarks/readme_table.py"
     block = markdown(rows, env, stream.num_scored, f"2k, depths 0.5/0.9, {args.seeds} keys each", command)
     config = {
