@@ -169,6 +169,26 @@ def test_exact_buffer() -> None:
         buf.append(_randn(1, HEADS, 8, HEAD_DIM, seed=3))
 
 
+def test_stepped_exact_buffer_holds_about_its_tokens() -> None:
+    row = HEADS * HEAD_DIM * 4  # bytes of one token
+    buf = ExactBuffer(capacity=None, step=4)
+    x = _randn(1, HEADS, 40, HEAD_DIM, seed=4)
+    buf.append(x[:, :, :3])
+    assert buf.nbytes == 4 * row
+    for i in range(3, 40):  # grows by reallocation, keeping what it held
+        buf.append(x[:, :, i : i + 1])
+    assert torch.equal(buf.view(), x) and 40 * row <= buf.nbytes <= 44 * row
+    buf.assign(x[:, :, 30:33])  # shrinks to the new size
+    assert torch.equal(buf.view(), x[:, :, 30:33]) and buf.nbytes == 4 * row
+    bounded = ExactBuffer(capacity=6, step=4)
+    bounded.append(x[:, :, :5])
+    assert bounded.nbytes == 6 * row  # never beyond capacity
+    with pytest.raises(AssertionError, match="overflow"):
+        bounded.append(x[:, :, :2])
+    with pytest.raises(ValueError, match="unbounded buffer needs a step"):
+        ExactBuffer(None)
+
+
 # ----------------------------------------------------------------------------------- layer store
 
 SINKS, WINDOW, BLOCK = 4, 64, 32

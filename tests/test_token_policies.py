@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 
 import pytest
 import torch
@@ -56,6 +57,77 @@ def test_policy_validates_fields() -> None:
         TokenPolicy(roles={"picture": "low"})
     with pytest.raises(ValueError, match="unknown keys"):
         TokenPolicy.from_dict({"evict_all": True})
+
+
+def test_layer_keep_exact_validates_applies_per_layer_and_round_trips() -> None:
+    policy = TokenPolicy(scorer="attention", keep_exact=0.1, layer_keep_exact={"3": 0.5, 1: 1.0})
+    assert policy.layer_keep_exact == ((1, 1.0), (3, 0.5))
+    assert policy.for_layer(3).keep_exact == 0.5 and policy.for_layer(3).layer_keep_exact == ()
+    assert policy.for_layer(0).keep_exact == 0.1
+    assert policy.mean_keep_exact(4) == pytest.approx((0.1 + 1.0 + 0.1 + 0.5) / 4)
+    cfg = preset("k2v2").replace(tokens=policy)
+    assert cfg.for_layer(1).tokens.keep_exact == 1.0 and cfg.for_layer(2).tokens.keep_exact == 0.1
+    assert CacheConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    for bad, match in (
+        ({1: 1.5}, r"layer_keep_exact\[1\]: 1.5 must be a fraction"),
+        ({-1: 0.5}, "layer -1 must be an integer >= 0"),
+        ([(1, 0.5), (1, 0.2)], "layer 1 repeats"),
+        (0.5, "must map layer indices to fractions"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            TokenPolicy(scorer="knorm", layer_keep_exact=bad)
+    with pytest.raises(ValueError, match="cannot rank tokens"):
+        TokenPolicy(layer_keep_exact={0: 0.5})
+    with pytest.raises(ValueError, match=r"tokens.layer_keep_exact: layers \[7\] do not exist"):
+        cfg.replace(tokens=TokenPolicy(scorer="knorm", layer_keep_exact={7: 0.5})).check_model(3, 64, 4)
+
+
+def test_layer_keep_exact_budgets_reach_the_stores(tiny_llama) -> None:
+    policy = TokenPolicy(scorer="knorm", keep_exact=0.0, layer_keep_exact={1: 0.5})
+    cache = SqueezedCache(small(policy, K2, V2), tiny_llama.config)
+    ids = torch.randint(1, 256, (1, 120), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        tiny_llama(input_ids=ids, past_key_values=cache, use_cache=True)
+    exact = [layer.store.classes[Precision.EXACT].num_tokens for layer in cache.layers]
+    decided = cache.layers[1].store.counts.decided
+    assert exact == [0, decided // 2] and decided > 0
+
+
+def test_keep_exact_by_layer_water_fills_the_budget() -> None:
+    from kvsqueeze.calibration.allocation import keep_exact_by_layer
+
+    got = keep_exact_by_layer({0: 1.0, 1: 10.0, 2: 0.0, 3: 1.0}, 0.3)
+    assert got[1] == 1.0 and got[2] == 0.0 and got[0] == got[3] == pytest.approx(0.1, abs=1e-3)
+    assert sum(got.values()) / 4 == pytest.approx(0.3, abs=1e-3)
+    assert keep_exact_by_layer({0: 0.0, 1: 0.0}, 0.2) == {0: 0.2, 1: 0.2}
+    spread = keep_exact_by_layer({0: 5.0, 1: 0.0, 2: 0.0}, 0.6)  # more budget than one layer holds
+    assert spread[0] == 1.0 and spread[1] == spread[2] == pytest.approx(0.4, abs=1e-3)
+
+
+def test_calibrate_spreads_keep_exact_over_layers(tiny_llama, tmp_path) -> None:
+    from kvsqueeze.calibration.run import calibrate, save
+
+    ids = torch.randint(1, 256, (400,), generator=torch.Generator().manual_seed(3))
+    base = small(TokenPolicy(scorer="knorm", keep_exact=0.25), K2, V2)
+    data = calibrate(
+        tiny_llama,
+        ids,
+        base,
+        0.0,
+        (2,),
+        num_tokens=200,
+        prefill_tokens=64,
+        score_tokens=16,
+        log=lambda m: None,
+    )
+    cal = data["calibration"]
+    assert set(cal["sensitivity"]) == {"0", "1"} and cal["mean_keep_exact"] == pytest.approx(0.25, abs=1e-3)
+    cfg = CacheConfig.load(save(data, tmp_path / "keep.json", "tiny", "random ids"))
+    assert dict(cfg.tokens.layer_keep_exact) == {int(k): v for k, v in cal["layer_keep_exact"].items()}
+    with pytest.raises(ValueError, match="tokens.keep_exact"):
+        calibrate(
+            tiny_llama, ids, small(TokenPolicy(scorer="knorm", keep_exact=5), K2, V2), 0.0, (2,), 200, 64, 16
+        )
 
 
 def test_config_round_trips_with_token_policy() -> None:
@@ -112,6 +184,25 @@ def test_store_sends_roles_to_classes_and_counts_bytes() -> None:
     assert store.classes[Precision.EXACT].num_tokens == 200 - 128 - 2 - store.window_k.num_tokens
     assert store.nbytes == held_bytes(store)
     assert sum(n for *_, n in store.segments()) == store.num_tokens
+
+
+def test_exact_class_window_and_staging_hold_about_their_tokens() -> None:
+    """No page tails or full-capacity buffers: a short run holds close to its tokens' bytes."""
+    store = MixedLayerStore(small(TokenPolicy(scorer="knorm", keep_exact=0.25), K2, V2))
+    torch.manual_seed(1)
+    for n in (90, 3, 2):
+        k, v = torch.randn(2, 1, 3, n, 64).unbind(0)
+        store.stash(k, v)
+        store.settle()
+    exact = store.classes[Precision.EXACT]
+    row = 3 * 64 * 4  # bytes of one float32 token
+    assert store.counts.decided == 80 and exact.num_tokens == 20  # 25 % of the decided tokens
+    assert len(exact.segments()) == 1  # one buffer, not pages
+    assert exact.parts("exact")["exact_keys"] == 32 * row  # 20 + headroom, rounded up to the 16-token step
+    assert store.window_k.num_tokens == 13 and store.window_k.nbytes == 16 * row
+    low = store.classes[Precision.LOW]
+    assert low.stage_k.num_tokens == 60 - 48 and low.stage_k.nbytes == 16 * row
+    assert store.nbytes == held_bytes(store)
 
 
 def test_store_evicts_and_keeps_rectangular_rows() -> None:

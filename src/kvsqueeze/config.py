@@ -181,6 +181,8 @@ class CacheConfig:
 
     def for_layer(self, layer: int) -> CacheConfig:
         """The config of model layer ``layer`` (its override applied, no overrides left)."""
+        if self.tokens is not None and self.tokens.layer_keep_exact:
+            return replace(self, tokens=self.tokens.for_layer(layer))
         for o in self.layer_overrides:
             if o.layer == layer:
                 return replace(self, key=o.key, value=o.value, layer_overrides=())
@@ -191,6 +193,12 @@ class CacheConfig:
         for name, spec in self._named_specs():
             spec.check_head_dim(head_dim, field=f"{name}.group_size")
         if num_layers is not None:
+            if self.tokens is not None:
+                extra = [layer for layer, _ in self.tokens.layer_keep_exact if layer >= num_layers]
+                if extra:
+                    raise ValueError(
+                        f"tokens.layer_keep_exact: layers {extra} do not exist; allowed: 0 .. {num_layers - 1}"
+                    )
             beyond = [o.layer for o in self.layer_overrides if o.layer >= num_layers]
             if beyond:
                 raise ValueError(

@@ -106,6 +106,63 @@ def allocate(sens: Sensitivity, spec_for: SpecFor, target_bits: float) -> dict[t
         total += extra
 
 
+def layer_sensitivity(
+    model: Any,
+    ids: torch.Tensor,
+    base: CacheConfig,
+    layers: list[int],
+    prefill_tokens: int = 256,
+    progress: Callable[[str], None] | None = None,
+) -> dict[int, float]:
+    """Per layer: sensitivity (`measure`) of its keys plus its values at ``base``'s own specs."""
+    plain = base.replace(tokens=None, layer_overrides=())
+    if plain.key is None or plain.value is None:
+        raise ValueError("preset: layer sensitivity needs a base config with key and value specs")
+    label = plain.key.bits
+
+    def spec_for(kind: str, layer: int, bits: int) -> QuantSpec:
+        return plain.key if kind == "key" else plain.value
+
+    sens = measure(model, ids, plain, spec_for, (label,), layers, prefill_tokens, progress)
+    return {layer: sens["key"][layer][label] + sens["value"][layer][label] for layer in layers}
+
+
+def keep_exact_by_layer(sensitivity: dict[int, float], mean: float) -> dict[int, float]:
+    """Per-layer ``keep_exact`` fractions averaging ``mean``, by water-filling on sensitivity.
+
+    Layer ``L`` keeps ``min(1, c * s_L)`` of its tokens exact, ``c`` chosen so the fractions average
+    ``mean``: the budget goes where one layer's quantization costs the most, and a layer never gets
+    more than all of its tokens. Equal (or all-zero) sensitivities give every layer ``mean``.
+    """
+    if not 0 <= mean <= 1:
+        raise ValueError(f"tokens.keep_exact: {mean!r} must be a fraction in [0, 1]")
+    layers = sorted(sensitivity)
+    s = {layer: max(0.0, float(sensitivity[layer])) for layer in layers}
+    if not layers:
+        return {}
+    if mean in (0, 1) or max(s.values()) <= 0:
+        return {layer: float(mean) for layer in layers}
+
+    def total(c: float) -> float:
+        return sum(min(1.0, c * v) for v in s.values())
+
+    lo, hi = 0.0, 1.0
+    while total(hi) < mean * len(layers):
+        hi *= 2
+        if hi > 1e30:  # some layers have zero sensitivity: fill them evenly with the rest
+            break
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) < mean * len(layers) else (lo, mid)
+    out = {layer: min(1.0, hi * v) for layer, v in s.items()}
+    rest = mean * len(layers) - sum(out.values())
+    if rest > 1e-9:  # only when zero-sensitivity layers remain: spread the remainder over them
+        free = [layer for layer, f in out.items() if f < 1.0]
+        for layer in free:
+            out[layer] = min(1.0, out[layer] + rest / len(free))
+    return {layer: round(f, 4) for layer, f in out.items()}
+
+
 def overrides(choice: dict[tuple[str, int], int], spec_for: SpecFor) -> tuple[LayerOverride, ...]:
     layers = sorted({layer for _, layer in choice})
     return tuple(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from ..config import CacheConfig
 from ..integrations.rope import rope_for
 from ..quant.spec import QuantSpec
-from .allocation import allocate, measure, overrides, with_bits
+from .allocation import allocate, keep_exact_by_layer, layer_sensitivity, measure, overrides, with_bits
 from .capture import capture
 from .codebooks import fit_codebook
 from .stats import layer_stats
@@ -51,12 +52,11 @@ def calibrate(
     ``reuse``: the ``"calibration"`` entry of an earlier file with the same base, slice and bits;
     its codebooks and sensitivities are taken as they are and only the allocation is redone (for
     another ``target_bits``)."""
+    if base.tokens is not None:
+        return _calibrate_keep_exact(model, token_ids, base, num_tokens, prefill_tokens, score_tokens, log)
     if base.key is None or base.value is None or base.layer_overrides:
         raise ValueError("preset: calibration needs a base config with key and value specs and no overrides")
-    if token_ids.numel() < num_tokens:
-        raise ValueError(f"--tokens: {num_tokens} exceeds the text's {token_ids.numel()} tokens")
-    start = token_ids.numel() - num_tokens
-    ids = token_ids[start:]
+    start, ids = _slice(token_ids, num_tokens)
     text = model.config.get_text_config(decoder=True)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     rope, why = rope_for(text, head_dim) if base.pre_rope_keys else (None, "")
@@ -122,6 +122,57 @@ def calibrate(
                 for k, d in codebooks.items()
             },  # fmt: skip
             "layer_stats": {str(layer): {k: _r(v) for k, v in s.items()} for layer, s in stats.items()},
+        },
+    }
+
+
+def _slice(token_ids: torch.Tensor, num_tokens: int) -> tuple[int, torch.Tensor]:
+    if token_ids.numel() < num_tokens:
+        raise ValueError(f"--tokens: {num_tokens} exceeds the text's {token_ids.numel()} tokens")
+    start = token_ids.numel() - num_tokens
+    return start, token_ids[start:]
+
+
+def _calibrate_keep_exact(
+    model: Any,
+    token_ids: torch.Tensor,
+    base: CacheConfig,
+    num_tokens: int,
+    prefill_tokens: int,
+    score_tokens: int,
+    log: Callable[[str], None],
+) -> dict:
+    """For a token-policy base: per-layer ``keep_exact`` fractions averaging the base's ``keep_exact``."""
+    keep = base.tokens.keep_exact
+    if not isinstance(keep, float) or keep <= 0:
+        raise ValueError(
+            f"tokens.keep_exact: {keep!r}; calibrating a token policy spreads a keep_exact fraction "
+            "over layers, allowed: a fraction in (0, 1]"
+        )
+    start, ids = _slice(token_ids, num_tokens)
+    text = model.config.get_text_config(decoder=True)
+    layers = list(range(text.num_hidden_layers))
+    needed = base.sink_tokens + prefill_tokens + score_tokens
+    sens = layer_sensitivity(model, ids[:needed], base, layers, prefill_tokens, progress=log)
+    per_layer = keep_exact_by_layer(sens, keep)
+    config = base.replace(tokens=replace(base.tokens, layer_keep_exact=per_layer))
+    from .bundled import fingerprint
+
+    return {
+        "config": config.to_dict(),
+        "calibration": {
+            "model_fingerprint": fingerprint(model.config),
+            "tokens": [start, token_ids.numel()],
+            "total_tokens": token_ids.numel(),
+            "slice": f"the last {num_tokens} tokens of the text (token ids [{start}, {token_ids.numel()})); "
+            "evaluate on windows from the start of the text, which do not overlap it",
+            "mean_keep_exact": config.tokens.mean_keep_exact(len(layers)),
+            "sensitivity_protocol": f"one layer at a time, its keys then its values quantized with the preset's "
+            f"specs, {base.sink_tokens} sinks + {prefill_tokens} prefilled tokens all quantized (no residual "
+            f"window), mean KL(exact || quantized) of the next {score_tokens} predictions, summed per layer; "
+            "keep_exact per layer = min(1, c * sensitivity), c chosen so the layers average the preset's keep_exact",
+            "sensitivity": {str(layer): v for layer, v in sens.items()},
+            "layer_keep_exact": {str(layer): f for layer, f in per_layer.items()},
         },
     }
 

@@ -1,5 +1,8 @@
 """`kvsqueeze calibrate`: per-layer statistics, codebooks and bit allocation for a model, as a JSON file.
 
+For a preset with a token policy (``k2v2-keep10``) it spreads the policy's ``keep_exact`` budget
+over the layers instead (``tokens.layer_keep_exact``), by each layer's measured sensitivity.
+
 kvsqueeze calibrate --model smollm2-135m --text-file wiki.txt --preset best-2bit --target-bits 2.75 \\
     --out calib/smollm2-2bit.json
 kvsqueeze eval quality --methods exact,calib/smollm2-2bit.json
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> None:
     )
     path = save(data, args.out, args.model, str(text_file))
     cal = data["calibration"]
-    console.print(
-        f"saved {path}: {cal['bits_per_element']:.3f} bits/element (target {target}); calibration slice "
-        f"{cal['slice']}"
-    )
+    if "layer_keep_exact" in cal:
+        got = f"keep_exact per layer averaging {cal['mean_keep_exact']:.3f}"
+    else:
+        got = f"{cal['bits_per_element']:.3f} bits/element (target {target})"
+    console.print(f"saved {path}: {got}; calibration slice {cal['slice']}")

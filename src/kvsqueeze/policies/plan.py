@@ -35,6 +35,29 @@ class Counts:
     evicted: int = 0
 
 
+def _layer_fractions(value: object) -> tuple[tuple[int, float], ...]:
+    """{layer: fraction} (int or digit-string layers, as JSON writes them) or pairs -> sorted pairs."""
+    items = value.items() if isinstance(value, dict) else value
+    try:
+        pairs = [(layer, f) for layer, f in items]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"tokens.layer_keep_exact: {value!r} must map layer indices to fractions, e.g. {{18: 1.0, 23: 0.5}}"
+        ) from None
+    out = {}
+    for layer, f in pairs:
+        if isinstance(layer, str) and layer.isdigit():
+            layer = int(layer)
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"tokens.layer_keep_exact: layer {layer!r} must be an integer >= 0")
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+            raise ValueError(f"tokens.layer_keep_exact[{layer}]: {f!r} must be a fraction in [0, 1]")
+        if layer in out:
+            raise ValueError(f"tokens.layer_keep_exact: layer {layer} repeats")
+        out[layer] = float(f)
+    return tuple(sorted(out.items()))
+
+
 def _budget(share: float | int, decided: int, used: int, available: int) -> int:
     target = share if isinstance(share, int) else math.floor(share * decided + 1e-9)
     return max(0, min(target - used, available))
@@ -58,6 +81,9 @@ class TokenPolicy:
         high_key, high_value: specs of the high class (None: exact).
         exact_dtype: dtype of every exact token this policy's store writes (sinks, window, exact
             class); None keeps the model's dtype.
+        layer_keep_exact: per-layer ``keep_exact`` fractions, {layer: fraction} (``kvsqueeze
+            calibrate`` fits them: the budget goes to the layers where quantization hurts most);
+            layers not listed use ``keep_exact``. Stored as sorted (layer, fraction) pairs.
     """
 
     default: str = "low"
@@ -71,6 +97,7 @@ class TokenPolicy:
     high_key: QuantSpec | None = None
     high_value: QuantSpec | None = None
     exact_dtype: str | None = None
+    layer_keep_exact: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         precision(self.default, "tokens.default")
@@ -89,12 +116,27 @@ class TokenPolicy:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"tokens.{name}: {value!r} must be a fraction in [0, 1]")
-        if (ke or self.keep_high or self.evict) and self.scorer == "none":
+        object.__setattr__(self, "layer_keep_exact", _layer_fractions(self.layer_keep_exact))
+        per_layer = any(f for _, f in self.layer_keep_exact)
+        if (ke or self.keep_high or self.evict or per_layer) and self.scorer == "none":
             raise ValueError(
                 "tokens.scorer: 'none' cannot rank tokens for keep_exact/keep_high/evict; allowed: knorm, attention"
             )
         if self.exact_dtype is not None and self.exact_dtype not in EXACT_DTYPES:
             raise ValueError(f"tokens.exact_dtype: {self.exact_dtype!r}; allowed: None, {list(EXACT_DTYPES)}")
+
+    def for_layer(self, layer: int) -> TokenPolicy:
+        """The policy of model layer ``layer``: its ``layer_keep_exact`` entry (if any) as ``keep_exact``."""
+        if not self.layer_keep_exact:
+            return self
+        keep = dict(self.layer_keep_exact).get(layer, self.keep_exact)
+        return replace(self, keep_exact=keep, layer_keep_exact=())
+
+    def mean_keep_exact(self, num_layers: int) -> float:
+        """``keep_exact`` fraction averaged over ``num_layers`` layers (counts excluded: 0 for them)."""
+        per = dict(self.layer_keep_exact)
+        own = self.keep_exact if isinstance(self.keep_exact, float) else 0.0
+        return sum(per.get(i, own) for i in range(num_layers)) / num_layers
 
     @property
     def needs_attention(self) -> bool:
@@ -151,6 +193,7 @@ class TokenPolicy:
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["roles"] = self.roles.to_dict()
+        out["layer_keep_exact"] = {str(layer): f for layer, f in self.layer_keep_exact}
         for name in ("high_key", "high_value"):
             out[name] = None if out[name] is None else out[name].to_dict()
         return out

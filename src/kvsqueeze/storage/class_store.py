@@ -3,7 +3,7 @@
 Packed classes take tokens in whole blocks (per-channel groups span ``block_size`` tokens), but a
 precision plan sends any number of tokens to a class: up to ``block_size - 1`` of them wait exact
 in a staging buffer until a block is full, then are quantized once. The exact class has no
-staging. Order inside a class does not matter to attention (keys are stored post-RoPE).
+staging and no pages: one buffer per tensor, grown in steps of `STEP` tokens. Order inside a class does not matter to attention (keys are stored post-RoPE).
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from ..quant.exact import ExactTensor
 from ..quant.spec import QuantSpec
 from .exact_buffer import ExactBuffer
 from .pages import Page, PagedStore
+
+STEP = 16
+"""Allocation step (tokens) of the exact class and the staging buffers (see `ExactBuffer`)."""
 
 SegmentTuple = tuple[Page, Page, int]
 """(keys, values, num_tokens): keys and values (batch, kv_heads, >= num_tokens, head_dim)."""
@@ -32,12 +35,15 @@ class ClassStore:
         block_size: int,
         dtype: torch.dtype | None,
     ) -> None:
-        self.pages_k, self.pages_v = PagedStore(key, page_tokens), PagedStore(value, page_tokens)
         self.block_size = block_size
         self.dtype = dtype
-        staged = key is not None or value is not None
-        self.stage_k = ExactBuffer(block_size) if staged else None
-        self.stage_v = ExactBuffer(block_size) if staged else None
+        self.exact = key is None and value is None
+        if self.exact:  # one contiguous buffer per tensor, grown in steps (no page tail)
+            self.pages_k, self.pages_v = ExactBuffer(None, STEP), ExactBuffer(None, STEP)
+            self.stage_k = self.stage_v = None
+        else:
+            self.pages_k, self.pages_v = PagedStore(key, page_tokens), PagedStore(value, page_tokens)
+            self.stage_k, self.stage_v = ExactBuffer(block_size, STEP), ExactBuffer(block_size, STEP)
 
     @property
     def num_tokens(self) -> int:
@@ -51,7 +57,7 @@ class ClassStore:
         """Store ``key``, ``value`` (batch, kv_heads, n, head_dim); whole blocks are quantized now."""
         if key.shape[-2] == 0:
             return
-        if self.stage_k is None:
+        if self.exact:
             self.pages_k.append(self._cast(key))
             self.pages_v.append(self._cast(value))
             return
@@ -66,6 +72,9 @@ class ClassStore:
 
     def segments(self) -> list[SegmentTuple]:
         """The held tokens as segments: packed pages, then the staging buffer."""
+        if self.exact:
+            n = self.pages_k.num_tokens
+            return [(ExactTensor(self.pages_k.view()), ExactTensor(self.pages_v.view()), n)] if n else []
         out: list[SegmentTuple] = [
             (k, v, k.num_tokens) for k, v in zip(self.pages_k.filled(), self.pages_v.filled(), strict=True)
         ]

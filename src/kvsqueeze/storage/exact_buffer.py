@@ -1,4 +1,14 @@
-"""`ExactBuffer`: a preallocated, bounded buffer of exact tokens (sinks or the residual window)."""
+"""`ExactBuffer`: a bounded buffer of exact tokens (sinks, residual window, staging, exact class).
+
+Two allocation modes:
+
+* whole (``step=None``): the storage is allocated once, on first write, at full ``capacity``; no
+  allocation during decoding (sinks and the window of plain caches, which fill up anyway);
+* stepped (``step=k``): the storage holds the tokens rounded up to ``k`` (plus 1/16 headroom when
+  growing), grows by reallocation and shrinks to that size again when `assign` holds fewer tokens. Buffers
+  whose fill level swings (the window and staging of a token-policy store) or grows without a fixed
+  bound (the exact class) then hold, and report, about the bytes of the tokens they keep.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +17,19 @@ from collections.abc import Callable
 import torch
 
 
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
 class ExactBuffer:
-    """Up to ``capacity`` tokens of shape (batch, kv_heads, tokens, head_dim), kept exact.
+    """Up to ``capacity`` tokens (None: unbounded, needs ``step``) of shape (batch, kv_heads, tokens,
+    head_dim), kept exact."""
 
-    The storage is allocated once, on first write, at full capacity.
-    """
-
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int | None, step: int | None = None) -> None:
+        if capacity is None and step is None:
+            raise ValueError("ExactBuffer: an unbounded buffer needs a step")
         self.capacity = capacity
+        self.step = step
         self.data: torch.Tensor | None = None
         self.num_tokens = 0
 
@@ -22,23 +37,36 @@ class ExactBuffer:
         """The held tokens (a view), or None when empty."""
         return None if self.data is None or self.num_tokens == 0 else self.data[:, :, : self.num_tokens]
 
-    def _ensure(self, like: torch.Tensor) -> torch.Tensor:
-        if self.data is None:
+    def _size_for(self, needed: int) -> int:
+        if self.step is None:
+            return self.capacity
+        size = _round_up(needed + needed // 16, self.step)
+        return size if self.capacity is None else min(size, self.capacity)
+
+    def _ensure(self, like: torch.Tensor, needed: int) -> torch.Tensor:
+        if self.data is None or self.data.shape[2] < needed:
             b, h, _, d = like.shape
-            self.data = torch.empty(b, h, self.capacity, d, dtype=like.dtype, device=like.device)
+            data = torch.empty(b, h, self._size_for(needed), d, dtype=like.dtype, device=like.device)
+            if self.num_tokens:
+                data[:, :, : self.num_tokens].copy_(self.data[:, :, : self.num_tokens])
+            self.data = data
         return self.data
 
     def append(self, x: torch.Tensor) -> None:
         """Add ``x`` (batch, kv_heads, n, head_dim) after the held tokens."""
         n = x.shape[-2]
-        assert self.num_tokens + n <= self.capacity, "exact buffer overflow"
+        needed = self.num_tokens + n
+        assert self.capacity is None or needed <= self.capacity, "exact buffer overflow"
         if n:
-            self._ensure(x)[:, :, self.num_tokens : self.num_tokens + n].copy_(x)
-            self.num_tokens += n
+            self._ensure(x, needed)[:, :, self.num_tokens : needed].copy_(x)
+            self.num_tokens = needed
 
     def assign(self, x: torch.Tensor) -> None:
         """Replace the held tokens by ``x`` (batch, kv_heads, n, head_dim)."""
         self.num_tokens = 0
+        n = x.shape[-2]
+        if self.step is not None and self.data is not None and self.data.shape[2] > self._size_for(n):
+            self.data = None  # shrink: reallocated at the new size below (or on the next append)
         self.append(x)
 
     @property
