@@ -6,11 +6,14 @@ Embedded SmolLM2-135M, every cache read by the fused path (``attn_implementation
 the exact DynamicCache runs SDPA under it). Bytes are everything the cache holds (`nbytes`) at
 the end of a run, over an fp16 cache of the tokens seen (23,040 B/token).
 
-* passkey: 2048-token prompts, key depths 0.5 and 0.9, ``--seeds`` keys each, prefill chunks of 256.
-  ``k2v2-instruct`` gets the prompt's chat template, intro and question marked as instructions
-  (exact) and its haystack at 2 bits; plain ``k2v2`` on the same prompts for comparison.
+* passkey: 2048-token prompts, key depths 0.5 and 0.9, ``--seeds`` keys each, prompt prefilled in
+  one forward. ``k2v2-instruct`` gets the prompt's chat template, intro and question marked as
+  instructions (exact) and its haystack at 2 bits; ``k2v2-instruct-snap3`` also keeps exact the 3 %
+  of tokens the prompt's last 32 queries attend to most (SnapKV); plain ``k2v2`` for comparison.
 * ppl: streamed perplexity, the reference protocol (2 x 2048 tokens from the start of WikiText-2
   test, prefill 256, chunks of 64), with KLD and top-1 agreement against the exact cache.
+  ``k2v2-keep10`` (by name: the bundled per-layer budgets of the embedded model, fitted on the last
+  tokens of the file) against ``k2v2-keep10-uniform`` (10 % in every layer).
 * eviction at 25 % of fp16 bytes: H2O-style eviction alone (kept tokens exact in fp16) against
   eviction + quantization (kept tokens k4v2), fractions chosen to land at the same bytes.
 
@@ -31,7 +34,7 @@ from rich.table import Table
 from transformers import DynamicCache
 
 from kvsqueeze import SqueezedCache, load_model
-from kvsqueeze.config import CacheConfig, QuantSpec, TokenPolicy, preset
+from kvsqueeze.config import CacheConfig, TokenPolicy, preset
 from kvsqueeze.eval.perplexity import StreamSpec, streamed_perplexity
 from kvsqueeze.eval.report import environment, save_results
 from kvsqueeze.eval.retrieval import (
@@ -48,28 +51,18 @@ FP16_BYTES_PER_TOKEN = 23_040
 console = Console()
 
 
-def methods(evict_only: float, evict_quant: float) -> dict[str, CacheConfig | None]:
-    """Name -> cache config (None: the exact DynamicCache)."""
+def methods(evict_only: float, evict_quant: float) -> dict[str, CacheConfig | str | None]:
+    """Name -> cache config or preset name (names get the bundled calibration; None: DynamicCache)."""
     fp16_exact = dict(scorer="attention", exact_dtype="float16")
     return {
         "exact": None,
         "k2v2": preset("k2v2"),
-        "k2v2-instruct": preset("k2v2-instruct"),
-        # the role analogue at <= 25 % of fp16: 2-bit haystack (values in groups of 64), instructions
-        # exact, plus the 1 % of tokens the prompt's last queries attend to most (SnapKV-style) exact
-        "instruct-snap1": preset("k2v2-instruct").replace(
-            value=QuantSpec(bits=2, axis="token", group_size=64),
-            tokens=TokenPolicy(
-                roles={"instruction": "exact"},
-                scorer="attention",
-                pool_size=7,
-                keep_exact=0.01,
-                exact_dtype="float16",
-            ),
-        ),  # fmt: skip
-        "k2v2-keep10": preset("k2v2-keep10"),
-        "k2v2-keep10-knorm": preset("k2v2-keep10-knorm"),
-        "k2v2-keep10-krange": preset("k2v2-keep10-krange"),
+        "k2v2-instruct": "k2v2-instruct",
+        "k2v2-instruct-snap3": "k2v2-instruct-snap3",
+        "k2v2-keep10": "k2v2-keep10",  # the embedded model: per-layer budgets from the bundled calibration
+        "k2v2-keep10-uniform": preset("k2v2-keep10"),  # the same 10 % in every layer
+        "k2v2-keep10-knorm": "k2v2-keep10-knorm",
+        "k2v2-keep10-krange": "k2v2-keep10-krange",
         f"h2o-evict{round(100 * evict_only)}": CacheConfig(
             key=None,
             value=None,
@@ -83,7 +76,7 @@ def methods(evict_only: float, evict_quant: float) -> dict[str, CacheConfig | No
     }
 
 
-def make_cache(model, config: CacheConfig | None):
+def make_cache(model, config: CacheConfig | str | None):
     if config is None:
         return DynamicCache(config=model.config)
     return SqueezedCache.from_model(model, config, fused=True)
@@ -109,7 +102,7 @@ def run_passkey(model, tokenizer, configs: dict, seeds: int, chunk: int) -> list
             for name, config in configs.items():
                 start = time.perf_counter()
                 cache = make_cache(model, config)
-                if config is not None and config.tokens is not None:
+                if config is not None and cache.cache_config.tokens is not None:
                     cache.set_roles(roles)
                 ids = answer_ids(model, input_ids, cache, spec, eos_ids)
                 ok = is_correct(tokenizer.decode(ids, skip_special_tokens=True), key)
@@ -167,14 +160,14 @@ def figures(results: dict, evict_names: tuple[str, str]) -> list[dict]:
     out = []
     pk = {r["method"]: r for r in results.get("passkey", [])}
     pp = {r["method"]: r for r in results.get("ppl", [])}
-    for role in ("k2v2-instruct", "instruct-snap1"):
+    for role in ("k2v2-instruct", "k2v2-instruct-snap3"):
         if {"exact", role} <= pk.keys():
             e, r = pk["exact"], pk[role]
             met = r["accuracy"] >= e["accuracy"] and r["fraction_of_fp16"] <= 0.25
             out.append({"figure": f"role: passkey({role}) == passkey(exact) at <= 0.25 fp16", "met": met,
                         "exact": e["accuracy"], role: r["accuracy"], "fraction": r["fraction_of_fp16"],
                         "k2v2": pk.get("k2v2", {}).get("accuracy")})  # fmt: skip
-    for keep in ("k2v2-keep10", "k2v2-keep10-knorm", "k2v2-keep10-krange"):
+    for keep in ("k2v2-keep10", "k2v2-keep10-uniform", "k2v2-keep10-knorm", "k2v2-keep10-krange"):
         if {"exact", "k2v2", keep} <= pp.keys():
             e, b, k = pp["exact"]["ppl"], pp["k2v2"], pp[keep]
             recovered = (b["ppl"] - k["ppl"]) / (b["ppl"] - e)
@@ -270,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "parts": parts,
         "seeds": args.seeds,
         "passkey_chunk": args.chunk,
-        "methods": {n: None if c is None else c.to_dict() for n, c in configs.items()},
+        "methods": {n: c if c is None or isinstance(c, str) else c.to_dict() for n, c in configs.items()},
     }
     save_results(args.out, config, results)
     print(

@@ -12,7 +12,7 @@ from kvsqueeze.attention.reference import Workspace, materialize
 from kvsqueeze.config import CacheConfig
 from kvsqueeze.policies import SinkWindowPolicy, TokenPlan
 from kvsqueeze.quant import PackedTensor, QuantSpec
-from kvsqueeze.storage.exact_buffer import ExactBuffer
+from kvsqueeze.storage.exact_buffer import ExactBuffer, ExactChunks
 from kvsqueeze.storage.layer import LayerStore
 from kvsqueeze.storage.pages import PagedStore
 
@@ -169,7 +169,7 @@ def test_exact_buffer() -> None:
         buf.append(_randn(1, HEADS, 8, HEAD_DIM, seed=3))
 
 
-def test_stepped_exact_buffer_holds_about_its_tokens() -> None:
+def test_stepped_exact_buffer_holds_its_tokens() -> None:
     row = HEADS * HEAD_DIM * 4  # bytes of one token
     buf = ExactBuffer(capacity=None, step=4)
     x = _randn(1, HEADS, 40, HEAD_DIM, seed=4)
@@ -177,7 +177,7 @@ def test_stepped_exact_buffer_holds_about_its_tokens() -> None:
     assert buf.nbytes == 4 * row
     for i in range(3, 40):  # grows by reallocation, keeping what it held
         buf.append(x[:, :, i : i + 1])
-    assert torch.equal(buf.view(), x) and 40 * row <= buf.nbytes <= 44 * row
+    assert torch.equal(buf.view(), x) and buf.nbytes == 40 * row
     buf.assign(x[:, :, 30:33])  # shrinks to the new size
     assert torch.equal(buf.view(), x[:, :, 30:33]) and buf.nbytes == 4 * row
     bounded = ExactBuffer(capacity=6, step=4)
@@ -187,6 +187,20 @@ def test_stepped_exact_buffer_holds_about_its_tokens() -> None:
         bounded.append(x[:, :, :2])
     with pytest.raises(ValueError, match="unbounded buffer needs a step"):
         ExactBuffer(None)
+
+
+def test_exact_chunks_freeze_full_chunks_and_hold_no_unused_rows() -> None:
+    row = HEADS * HEAD_DIM * 4
+    chunks = ExactChunks(chunk_tokens=8)
+    x = _randn(1, HEADS, 21, HEAD_DIM, seed=5)
+    for a, b in ((0, 3), (3, 12), (12, 21)):
+        chunks.append(x[:, :, a:b])
+    assert [v.shape[-2] for v in chunks.views()] == [8, 8, 5] and chunks.num_tokens == 21
+    assert torch.equal(torch.cat(chunks.views(), dim=2), x) and chunks.nbytes == 21 * row
+    chunks.map_batch(lambda t: t.repeat(2, 1, 1, 1))
+    assert all(v.shape[0] == 2 for v in chunks.views())
+    chunks.clear()
+    assert chunks.num_tokens == 0 and chunks.views() == [] and chunks.nbytes == 0
 
 
 # ----------------------------------------------------------------------------------- layer store

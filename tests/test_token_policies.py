@@ -197,11 +197,10 @@ def test_exact_class_window_and_staging_hold_about_their_tokens() -> None:
     exact = store.classes[Precision.EXACT]
     row = 3 * 64 * 4  # bytes of one float32 token
     assert store.counts.decided == 80 and exact.num_tokens == 20  # 25 % of the decided tokens
-    assert len(exact.segments()) == 1  # one buffer, not pages
-    assert exact.parts("exact")["exact_keys"] == 32 * row  # 20 + headroom, rounded up to the 16-token step
-    assert store.window_k.num_tokens == 13 and store.window_k.nbytes == 16 * row
+    assert exact.parts("exact")["exact_keys"] == 20 * row  # no page tail
+    assert store.window_k.num_tokens == 13 and store.window_k.nbytes == 13 * row
     low = store.classes[Precision.LOW]
-    assert low.stage_k.num_tokens == 60 - 48 and low.stage_k.nbytes == 16 * row
+    assert low.stage_k.num_tokens == 60 - 48 and low.stage_k.nbytes == 12 * row
     assert store.nbytes == held_bytes(store)
 
 

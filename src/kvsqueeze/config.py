@@ -332,6 +332,18 @@ TOKEN_PRESETS: dict[str, CacheConfig] = {
         residual_window=32,
         page_tokens=64,
     ),
+    "k2v2-instruct-snap3": _tokens(
+        _K2V2.replace(value=QuantSpec(bits=2, axis="token", group_size=64)),
+        TokenPolicy(
+            roles={"instruction": "exact"},
+            scorer="attention",
+            pool_size=7,
+            keep_exact=0.03,
+            exact_dtype="float16",
+        ),
+        residual_window=32,
+        page_tokens=64,
+    ),
     # importance mixed precision
     "k2v2-keep10": _tokens(_K2V2, TokenPolicy(scorer="attention", keep_exact=0.10, exact_dtype="float16")),
     "k2v2-keep10-knorm": _tokens(_K2V2, TokenPolicy(scorer="knorm", keep_exact=0.10, exact_dtype="float16")),
@@ -359,6 +371,7 @@ PRESET_NOTES: dict[str, str] = {
     "best-2bit": "most accurate <= 2.8 b/el: pre-RoPE int3 keys (g128) + 0.25% outliers, rotated NF2 values",
     "text-centric": "k2v2 for image/video/audio tokens, text and instructions exact (needs set_roles)",
     "k2v2-instruct": "k2v2, caller-marked instruction spans exact (fp16), window 32",
+    "k2v2-instruct-snap3": "k2v2-instruct (values g64) + the 3 % of tokens the prompt's last 32 queries attend to most exact; fused path",
     "k2v2-keep10": "k2v2, the 10 % most attended tokens exact (fp16); fused path",
     "k2v2-keep10-knorm": "k2v2, the 10 % lowest-key-norm tokens exact (fp16)",
     "k2v2-keep10-krange": "k2v2, the 10 % tokens stretching the key ranges most exact (fp16)",

@@ -153,7 +153,12 @@ def _calibrate_keep_exact(
     text = model.config.get_text_config(decoder=True)
     layers = list(range(text.num_hidden_layers))
     needed = base.sink_tokens + prefill_tokens + score_tokens
-    sens = layer_sensitivity(model, ids[:needed], base, layers, prefill_tokens, progress=log)
+    probes = max(1, ids.numel() // needed)  # consecutive probes of the slice, sensitivities averaged
+    sens = {layer: 0.0 for layer in layers}
+    for p in range(probes):
+        got = layer_sensitivity(model, ids[p * needed : (p + 1) * needed], base, layers, prefill_tokens, log)
+        for layer, v in got.items():
+            sens[layer] += v / probes
     per_layer = keep_exact_by_layer(sens, keep)
     config = base.replace(tokens=replace(base.tokens, layer_keep_exact=per_layer))
     from .bundled import fingerprint
@@ -169,7 +174,8 @@ def _calibrate_keep_exact(
             "mean_keep_exact": config.tokens.mean_keep_exact(len(layers)),
             "sensitivity_protocol": f"one layer at a time, its keys then its values quantized with the preset's "
             f"specs, {base.sink_tokens} sinks + {prefill_tokens} prefilled tokens all quantized (no residual "
-            f"window), mean KL(exact || quantized) of the next {score_tokens} predictions, summed per layer; "
+            f"window), mean KL(exact || quantized) of the next {score_tokens} predictions, summed per layer, "
+            f"averaged over {probes} consecutive probe(s) of the slice; "
             "keep_exact per layer = min(1, c * sensitivity), c chosen so the layers average the preset's keep_exact",
             "sensitivity": {str(layer): v for layer, v in sens.items()},
             "layer_keep_exact": {str(layer): f for layer, f in per_layer.items()},

@@ -64,7 +64,12 @@ def store_tensor_bytes(stores: Iterable[Any]) -> int:
     tensors: list[torch.Tensor] = []
     for store in stores:
         for buf in store.buffers():
-            tensors += [buf.data] if hasattr(buf, "data") else [t for p in buf.pages for t in p.tensors()]
+            if hasattr(buf, "data"):
+                tensors.append(buf.data)
+            elif hasattr(buf, "chunks"):
+                tensors += buf.tensors()
+            else:
+                tensors += [t for p in buf.pages for t in p.tensors()]
         tensors += list(getattr(store, "pending", None) or ())
     return held_tensor_bytes([t for t in tensors if t is not None])
 

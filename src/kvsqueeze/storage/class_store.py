@@ -3,7 +3,7 @@
 Packed classes take tokens in whole blocks (per-channel groups span ``block_size`` tokens), but a
 precision plan sends any number of tokens to a class: up to ``block_size - 1`` of them wait exact
 in a staging buffer until a block is full, then are quantized once. The exact class has no
-staging and no pages: one buffer per tensor, grown in steps of `STEP` tokens. Order inside a class does not matter to attention (keys are stored post-RoPE).
+staging and no pages: `ExactChunks`. Staging buffers hold exactly their tokens (``step=1``). Order inside a class does not matter to attention (keys are stored post-RoPE).
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ import torch
 
 from ..quant.exact import ExactTensor
 from ..quant.spec import QuantSpec
-from .exact_buffer import ExactBuffer
+from .exact_buffer import ExactBuffer, ExactChunks
 from .pages import Page, PagedStore
-
-STEP = 16
-"""Allocation step (tokens) of the exact class and the staging buffers (see `ExactBuffer`)."""
 
 SegmentTuple = tuple[Page, Page, int]
 """(keys, values, num_tokens): keys and values (batch, kv_heads, >= num_tokens, head_dim)."""
@@ -38,12 +35,12 @@ class ClassStore:
         self.block_size = block_size
         self.dtype = dtype
         self.exact = key is None and value is None
-        if self.exact:  # one contiguous buffer per tensor, grown in steps (no page tail)
-            self.pages_k, self.pages_v = ExactBuffer(None, STEP), ExactBuffer(None, STEP)
+        if self.exact:  # chunks without unused rows (no page tail)
+            self.pages_k, self.pages_v = ExactChunks(), ExactChunks()
             self.stage_k = self.stage_v = None
         else:
             self.pages_k, self.pages_v = PagedStore(key, page_tokens), PagedStore(value, page_tokens)
-            self.stage_k, self.stage_v = ExactBuffer(block_size, STEP), ExactBuffer(block_size, STEP)
+            self.stage_k, self.stage_v = ExactBuffer(block_size, step=1), ExactBuffer(block_size, step=1)
 
     @property
     def num_tokens(self) -> int:
@@ -73,8 +70,10 @@ class ClassStore:
     def segments(self) -> list[SegmentTuple]:
         """The held tokens as segments: packed pages, then the staging buffer."""
         if self.exact:
-            n = self.pages_k.num_tokens
-            return [(ExactTensor(self.pages_k.view()), ExactTensor(self.pages_v.view()), n)] if n else []
+            return [
+                (ExactTensor(k), ExactTensor(v), k.shape[-2])
+                for k, v in zip(self.pages_k.views(), self.pages_v.views(), strict=True)
+            ]
         out: list[SegmentTuple] = [
             (k, v, k.num_tokens) for k, v in zip(self.pages_k.filled(), self.pages_v.filled(), strict=True)
         ]

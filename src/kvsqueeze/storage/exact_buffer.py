@@ -40,7 +40,7 @@ class ExactBuffer:
     def _size_for(self, needed: int) -> int:
         if self.step is None:
             return self.capacity
-        size = _round_up(needed + needed // 16, self.step)
+        size = _round_up(needed, self.step)
         return size if self.capacity is None else min(size, self.capacity)
 
     def _ensure(self, like: torch.Tensor, needed: int) -> torch.Tensor:
@@ -80,3 +80,46 @@ class ExactBuffer:
     def clear(self) -> None:
         self.data = None
         self.num_tokens = 0
+
+
+class ExactChunks:
+    """Exact tokens (batch, kv_heads, tokens, head_dim) in frozen chunks of ``chunk_tokens`` plus a tail."""
+
+    def __init__(self, chunk_tokens: int = 256) -> None:
+        self.chunk_tokens = chunk_tokens
+        self.chunks: list[torch.Tensor] = []
+        self.tail = ExactBuffer(chunk_tokens, step=1)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.shape[-2] for c in self.chunks) + self.tail.num_tokens
+
+    def append(self, x: torch.Tensor) -> None:
+        """Add ``x`` (batch, kv_heads, n, head_dim)."""
+        while x.shape[-2]:
+            room = self.chunk_tokens - self.tail.num_tokens
+            self.tail.append(x[:, :, :room])
+            x = x[:, :, room:]
+            if self.tail.num_tokens == self.chunk_tokens:
+                self.chunks.append(self.tail.data)
+                self.tail.clear()
+
+    def views(self) -> list[torch.Tensor]:
+        """The held tokens, chunk by chunk (the tail last)."""
+        tail = self.tail.view()
+        return self.chunks + ([] if tail is None else [tail])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in self.chunks) + self.tail.nbytes
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.chunks + ([] if self.tail.data is None else [self.tail.data])
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.chunks = [fn(c) for c in self.chunks]
+        self.tail.map_batch(fn)
+
+    def clear(self) -> None:
+        self.chunks = []
+        self.tail.clear()

@@ -24,7 +24,7 @@ from ..policies.classes import Precision, Role
 from ..policies.plan import Counts, TokenPolicy
 from ..policies.window import SinkWindowPolicy
 from ..quant.exact import ExactTensor
-from .class_store import STEP, ClassStore, SegmentTuple
+from .class_store import ClassStore, SegmentTuple
 from .exact_buffer import ExactBuffer
 
 
@@ -38,7 +38,7 @@ class MixedLayerStore:
         self.policy = SinkWindowPolicy(config.sink_tokens, config.residual_window, config.block_size)
         self.sink_k, self.sink_v = ExactBuffer(config.sink_tokens), ExactBuffer(config.sink_tokens)
         cap = max(config.residual_window, config.block_size)
-        self.window_k, self.window_v = ExactBuffer(cap, STEP), ExactBuffer(cap, STEP)
+        self.window_k, self.window_v = ExactBuffer(cap, step=1), ExactBuffer(cap, step=1)
         b = config.block_size
         self.classes = {
             Precision.EXACT: ClassStore(None, None, b, b, self.dtype),
