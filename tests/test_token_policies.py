@@ -104,6 +104,25 @@ def test_keep_exact_by_layer_water_fills_the_budget() -> None:
     assert spread[0] == 1.0 and spread[1] == spread[2] == pytest.approx(0.4, abs=1e-3)
 
 
+def test_k2v2_keep10_uses_the_bundled_per_layer_budgets_of_the_embedded_model(tiny_llama) -> None:
+    smollm2 = LlamaConfig(
+        num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+        head_dim=64, vocab_size=49152, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    )  # fmt: skip
+    register()
+    smollm2._attn_implementation = "kvsqueeze"  # the attention scorer needs the fused path
+    cache = SqueezedCache("k2v2-keep10", smollm2, fused=True)
+    tokens = cache.cache_config.tokens
+    assert cache.cache_config.replace(tokens=preset("k2v2-keep10").tokens) == preset("k2v2-keep10")
+    assert tokens.mean_keep_exact(30) == pytest.approx(0.10, abs=1e-4)
+    assert max(f for _, f in tokens.layer_keep_exact) == 1.0  # the most sensitive layer entirely exact
+    keeps = [layer.store.tokens.keep_exact for layer in cache.layers]
+    assert keeps == [tokens.for_layer(i).keep_exact for i in range(30)] and len(set(keeps)) > 2
+    other = copy.deepcopy(tiny_llama.config)
+    other._attn_implementation = "kvsqueeze"
+    assert SqueezedCache("k2v2-keep10", other, fused=True).cache_config == preset("k2v2-keep10")  # generic
+
+
 def test_calibrate_spreads_keep_exact_over_layers(tiny_llama, tmp_path) -> None:
     from kvsqueeze.calibration.run import calibrate, save
 

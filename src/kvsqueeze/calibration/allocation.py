@@ -127,17 +127,26 @@ def layer_sensitivity(
     return {layer: sens["key"][layer][label] + sens["value"][layer][label] for layer in layers}
 
 
-def keep_exact_by_layer(sensitivity: dict[int, float], mean: float) -> dict[int, float]:
+KEEP_EXACT_POWER = 2.0
+"""Exponent on sensitivity in `keep_exact_by_layer`. A layer's loss falls faster than linearly with
+its exact share (SmolLM2-135M, k2v2: half of layer 18's tokens exact removes a third of its loss, all
+of them all of it), so the budget is better concentrated than spread: on the embedded model, linear
+shares (power 1) recover 48 % of k2v2's perplexity loss, power 1.5 / 2 / 3 recover 69 / 70 / 68 %."""
+
+
+def keep_exact_by_layer(
+    sensitivity: dict[int, float], mean: float, power: float = KEEP_EXACT_POWER
+) -> dict[int, float]:
     """Per-layer ``keep_exact`` fractions averaging ``mean``, by water-filling on sensitivity.
 
-    Layer ``L`` keeps ``min(1, c * s_L)`` of its tokens exact, ``c`` chosen so the fractions average
-    ``mean``: the budget goes where one layer's quantization costs the most, and a layer never gets
-    more than all of its tokens. Equal (or all-zero) sensitivities give every layer ``mean``.
+    Layer ``L`` keeps ``min(1, c * s_L ** power)`` of its tokens exact, ``c`` chosen so the fractions
+    average ``mean``: the budget goes where one layer's quantization costs the most, and a layer never
+    gets more than all of its tokens. Equal (or all-zero) sensitivities give every layer ``mean``.
     """
     if not 0 <= mean <= 1:
         raise ValueError(f"tokens.keep_exact: {mean!r} must be a fraction in [0, 1]")
     layers = sorted(sensitivity)
-    s = {layer: max(0.0, float(sensitivity[layer])) for layer in layers}
+    s = {layer: max(0.0, float(sensitivity[layer])) ** power for layer in layers}
     if not layers:
         return {}
     if mean in (0, 1) or max(s.values()) <= 0:

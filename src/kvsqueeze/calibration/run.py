@@ -20,7 +20,15 @@ import torch
 from ..config import CacheConfig
 from ..integrations.rope import rope_for
 from ..quant.spec import QuantSpec
-from .allocation import allocate, keep_exact_by_layer, layer_sensitivity, measure, overrides, with_bits
+from .allocation import (
+    KEEP_EXACT_POWER,
+    allocate,
+    keep_exact_by_layer,
+    layer_sensitivity,
+    measure,
+    overrides,
+    with_bits,
+)
 from .capture import capture
 from .codebooks import fit_codebook
 from .stats import layer_stats
@@ -176,7 +184,8 @@ def _calibrate_keep_exact(
             f"specs, {base.sink_tokens} sinks + {prefill_tokens} prefilled tokens all quantized (no residual "
             f"window), mean KL(exact || quantized) of the next {score_tokens} predictions, summed per layer, "
             f"averaged over {probes} consecutive probe(s) of the slice; "
-            "keep_exact per layer = min(1, c * sensitivity), c chosen so the layers average the preset's keep_exact",
+            f"keep_exact per layer = min(1, c * sensitivity ** {KEEP_EXACT_POWER}), c chosen so the layers "
+            "average the preset's keep_exact",
             "sensitivity": {str(layer): v for layer, v in sens.items()},
             "layer_keep_exact": {str(layer): f for layer, f in per_layer.items()},
         },

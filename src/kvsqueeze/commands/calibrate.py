@@ -1,7 +1,11 @@
 """`kvsqueeze calibrate`: per-layer statistics, codebooks and bit allocation for a model, as a JSON file.
 
 For a preset with a token policy (``k2v2-keep10``) it spreads the policy's ``keep_exact`` budget
-over the layers instead (``tokens.layer_keep_exact``), by each layer's measured sensitivity.
+over the layers instead (``tokens.layer_keep_exact``), by each layer's measured sensitivity; the
+bundled file of the embedded model came from
+
+kvsqueeze calibrate --preset k2v2-keep10 --tokens 3000 --prefill 896 --score 96 \
+    --out src/kvsqueeze/calibration/bundled/smollm2-135m-k2v2-keep10.json
 
 kvsqueeze calibrate --model smollm2-135m --text-file wiki.txt --preset best-2bit --target-bits 2.75 \\
     --out calib/smollm2-2bit.json
@@ -71,6 +75,8 @@ def run(args: argparse.Namespace) -> None:
     data = calibrate(
         model, ids, base, target, bits, args.tokens, args.prefill, args.score, log=console.print, reuse=reuse
     )
+    if not args.preset.endswith(".json"):  # bundled calibrations are found by this name
+        data["calibration"] = {"preset": args.preset, **data["calibration"]}
     path = save(data, args.out, args.model, str(text_file))
     cal = data["calibration"]
     if "layer_keep_exact" in cal:

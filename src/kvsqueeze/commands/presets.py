@@ -46,7 +46,11 @@ def run(args: argparse.Namespace) -> None:
                 "note": "per-layer calibration bundled for this model" if calibrated else PRESET_NOTES[name],
             }
         )
-    tokens = [{"preset": n, "config": c.to_dict(), "note": PRESET_NOTES[n]} for n, c in TOKEN_PRESETS.items()]
+    tokens = []
+    for name, generic in TOKEN_PRESETS.items():
+        calibrated = bundled_config(name, model_config)
+        note = PRESET_NOTES[name] + ("; per-layer budgets bundled for this model" if calibrated else "")
+        tokens.append({"preset": name, "config": (calibrated or generic).to_dict(), "note": note})
     if args.json:
         payload = {
             "model": args.model,
