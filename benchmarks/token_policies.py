@@ -218,10 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="passkey,ppl")
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--methods", default=None, help="comma-separated subset of the method names")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated subset of the method names (with --combine: rows kept)",
+    )
     parser.add_argument("--chunk", type=int, default=2048, help="passkey prefill chunk (2048: one forward)")
-    parser.add_argument("--evict-only", type=float, default=0.81, help="evicted fraction, eviction alone")
-    parser.add_argument("--evict-quant", type=float, default=0.32, help="evicted fraction, eviction + k4v2")
+    parser.add_argument("--evict-only", type=float, default=0.80, help="evicted fraction, eviction alone")
+    parser.add_argument("--evict-quant", type=float, default=0.20, help="evicted fraction, eviction + k4v2")
     parser.add_argument("--out", default="results/token_policies.json")
     parser.add_argument(
         "--combine", default=None, help="JSON results of earlier runs (comma-separated): merge, report"
@@ -233,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             for part, rows in json.loads(Path(path).read_text())["results"].items():
                 if part != "figures":  # rows of the same part from several runs: first run wins
                     known = {r["method"] for r in results.setdefault(part, [])}
-                    results[part] += [r for r in rows if r["method"] not in known]
+                    keep = set(args.methods.split(",")) | {"exact"} if args.methods else None
+                    results[part] += [
+                        r for r in rows if r["method"] not in known and (keep is None or r["method"] in keep)
+                    ]
         names = {r["method"] for part in results.values() for r in part}
         evict = sorted((n for n in names if n.startswith("h2o-")), key=lambda n: "-k" in n)  # alone first
         results["figures"] = figures(results, tuple(evict))

@@ -372,7 +372,8 @@ PRESET_NOTES: dict[str, str] = {
     "text-centric": "k2v2 for image/video/audio tokens, text and instructions exact (needs set_roles)",
     "k2v2-instruct": "k2v2, caller-marked instruction spans exact (fp16), window 32",
     "k2v2-instruct-snap3": "k2v2-instruct (values g64) + the 3 % of tokens the prompt's last 32 queries attend to most exact; fused path",
-    "k2v2-keep10": "k2v2, the 10 % most attended tokens exact (fp16); fused path",
+    "k2v2-keep10": "k2v2 + 10 % of the tokens exact (fp16), ranked by attention; per-layer budgets from "
+    "calibration (bundled for the embedded model, else 10 % in every layer); fused path",
     "k2v2-keep10-knorm": "k2v2, the 10 % lowest-key-norm tokens exact (fp16)",
     "k2v2-keep10-krange": "k2v2, the 10 % tokens stretching the key ranges most exact (fp16)",
     "streaming-1k": "StreamingLLM: 4 sinks + 1024 recent tokens, the rest evicted",

@@ -104,16 +104,10 @@ def calibrate(
     choice = allocate(sens, spec_for, target_bits)
     config = base.replace(layer_overrides=overrides(choice, spec_for))
     achieved = config.bits_per_element(num_layers=text.num_hidden_layers)
-    from .bundled import fingerprint
-
     return {
         "config": config.to_dict(),
         "calibration": {
-            "model_fingerprint": fingerprint(model.config),
-            "tokens": [start, token_ids.numel()],
-            "total_tokens": token_ids.numel(),
-            "slice": f"the last {num_tokens} tokens of the text (token ids [{start}, {token_ids.numel()})); "
-            "evaluate on windows from the start of the text, which do not overlap it",
+            **_slice_record(model, token_ids, start, num_tokens),
             "target_bits_per_element": target_bits,
             "bits_per_element": achieved,
             "bits_menu": list(bits_menu),
@@ -139,6 +133,19 @@ def _slice(token_ids: torch.Tensor, num_tokens: int) -> tuple[int, torch.Tensor]
         raise ValueError(f"--tokens: {num_tokens} exceeds the text's {token_ids.numel()} tokens")
     start = token_ids.numel() - num_tokens
     return start, token_ids[start:]
+
+
+def _slice_record(model: Any, token_ids: torch.Tensor, start: int, num_tokens: int) -> dict:
+    """The model fingerprint and the calibration slice, as every calibration file records them."""
+    from .bundled import fingerprint
+
+    return {
+        "model_fingerprint": fingerprint(model.config),
+        "tokens": [start, token_ids.numel()],
+        "total_tokens": token_ids.numel(),
+        "slice": f"the last {num_tokens} tokens of the text (token ids [{start}, {token_ids.numel()})); "
+        "evaluate on windows from the start of the text, which do not overlap it",
+    }
 
 
 def _calibrate_keep_exact(
@@ -169,16 +176,10 @@ def _calibrate_keep_exact(
             sens[layer] += v / probes
     per_layer = keep_exact_by_layer(sens, keep)
     config = base.replace(tokens=replace(base.tokens, layer_keep_exact=per_layer))
-    from .bundled import fingerprint
-
     return {
         "config": config.to_dict(),
         "calibration": {
-            "model_fingerprint": fingerprint(model.config),
-            "tokens": [start, token_ids.numel()],
-            "total_tokens": token_ids.numel(),
-            "slice": f"the last {num_tokens} tokens of the text (token ids [{start}, {token_ids.numel()})); "
-            "evaluate on windows from the start of the text, which do not overlap it",
+            **_slice_record(model, token_ids, start, num_tokens),
             "mean_keep_exact": config.tokens.mean_keep_exact(len(layers)),
             "sensitivity_protocol": f"one layer at a time, its keys then its values quantized with the preset's "
             f"specs, {base.sink_tokens} sinks + {prefill_tokens} prefilled tokens all quantized (no residual "
