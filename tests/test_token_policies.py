@@ -93,6 +93,25 @@ def test_layer_keep_exact_budgets_reach_the_stores(tiny_llama) -> None:
     assert exact == [0, decided // 2] and decided > 0
 
 
+def test_token_policies_take_per_layer_overrides_but_not_transforms(tiny_llama) -> None:
+    from kvsqueeze.config import LayerOverride
+
+    k4 = QuantSpec(bits=4, axis="channel", group_size=16)
+    policy = TokenPolicy(scorer="knorm", keep_exact=0.1, layer_keep_exact={1: 0.5})
+    cfg = small(policy, K2, V2).replace(layer_overrides=(LayerOverride(1, k4, None),))
+    one = cfg.for_layer(1)
+    assert (one.key, one.value, one.tokens.keep_exact, one.layer_overrides) == (k4, None, 0.5, ())
+    assert cfg.for_layer(0).key == K2 and cfg.for_layer(0).tokens.keep_exact == 0.1
+    cache = SqueezedCache(cfg, tiny_llama.config)
+    ids = torch.randint(1, 256, (1, 120), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        tiny_llama(input_ids=ids, past_key_values=cache, use_cache=True)
+    low = [layer.store.classes[Precision.LOW] for layer in cache.layers]
+    assert low[0].pages_k.spec == K2 and low[1].pages_k.spec == k4 and low[1].pages_v.spec is None
+    with pytest.raises(ValueError, match="tokens: a token policy cannot be combined with rotate_keys"):
+        cfg.replace(rotate_keys=True)
+
+
 def test_keep_exact_by_layer_water_fills_the_budget() -> None:
     from kvsqueeze.calibration.allocation import keep_exact_by_layer
 

@@ -82,8 +82,8 @@ class CacheConfig:
             layers not listed use ``key`` and ``value``.
         tokens: per-token precision and eviction of the tokens leaving the window
             (`TokenPolicy`: roles, importance, ``keep_exact``, ``evict``); None: every such token
-            is packed with ``key``/``value``. Not combinable (yet) with rotations, pre-RoPE keys
-            or per-layer overrides.
+            is packed with ``key``/``value``. Per-layer overrides set the low class of their layer;
+            not combinable (yet) with rotations or pre-RoPE keys.
 
     Configs with codebook or outlier formats, rotations or pre-RoPE keys are read by the reference
     path only (`kernel_readable` is False): a fused cache with such a config falls back to it.
@@ -142,12 +142,10 @@ class CacheConfig:
         if len(set(layers)) != len(layers):
             raise ValueError(f"layer_overrides: layers {layers} repeat; each layer may appear once")
         object.__setattr__(self, "layer_overrides", overrides)
-        if self.tokens is not None and (
-            self.rotate_keys or self.rotate_values or self.pre_rope_keys or self.layer_overrides
-        ):
+        if self.tokens is not None and (self.rotate_keys or self.rotate_values or self.pre_rope_keys):
             raise ValueError(
-                "tokens: a token policy cannot be combined with rotate_keys, rotate_values, pre_rope_keys "
-                "or layer_overrides yet; allowed: a token policy over plain key/value specs"
+                "tokens: a token policy cannot be combined with rotate_keys, rotate_values or pre_rope_keys "
+                "yet; allowed: a token policy over key/value specs (per-layer overrides included)"
             )
         for name, spec in self._named_specs():
             spec.check_block_size(self.block_size, field=f"{name}.group_size")
@@ -181,12 +179,13 @@ class CacheConfig:
 
     def for_layer(self, layer: int) -> CacheConfig:
         """The config of model layer ``layer`` (its override applied, no overrides left)."""
+        out = self
         if self.tokens is not None and self.tokens.layer_keep_exact:
-            return replace(self, tokens=self.tokens.for_layer(layer))
+            out = replace(out, tokens=self.tokens.for_layer(layer))
         for o in self.layer_overrides:
             if o.layer == layer:
-                return replace(self, key=o.key, value=o.value, layer_overrides=())
-        return replace(self, layer_overrides=()) if self.layer_overrides else self
+                return replace(out, key=o.key, value=o.value, layer_overrides=())
+        return replace(out, layer_overrides=()) if self.layer_overrides else out
 
     def check_model(self, num_kv_heads: int, head_dim: int, num_layers: int | None = None) -> None:
         """Raise if the specs cannot tile this model's heads (or overrides name missing layers)."""
