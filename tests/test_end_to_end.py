@@ -72,6 +72,10 @@ def test_cli_demo_small(tmp_path, capsys):
     assert [r["preset"] for r in rows] == ["int8", "k2v2"]
     assert all(0.0 <= r["agreement"] <= 1.0 and r["first_divergence"] <= 6 for r in rows)
     assert rows[1]["compression_vs_fp16"] > rows[0]["compression_vs_fp16"] > 1.0
+    for r in rows:  # the long-context limit beats the short run, which also holds the exact window
+        assert r["packed_compression_vs_fp16"] == pytest.approx(23_040 / r["packed_bytes_per_token"])
+        assert r["packed_compression_vs_fp16"] > r["compression_vs_fp16"]
+    assert rows[1]["packed_compression_vs_fp16"] == pytest.approx(23_040 / 4_320)  # k2v2: 2 b + scales
 
 
 @pytest.mark.parametrize(
