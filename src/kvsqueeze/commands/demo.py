@@ -37,10 +37,10 @@ def run(args: argparse.Namespace) -> None:
     for col in (
         "preset",
         "held B/tok",
-        "fp16/held",
+        "x less",
         "packed B/tok",
-        "fp16/packed",
-        "agreement",
+        "x less",
+        "agree",
         "1st diff",
         "tok/s",
     ):
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> None:
     console.print(
         "held = everything the cache holds (packed pages incl. unused page tail, scales, exact sinks and residual "
         "window, in the model's dtype) / tokens of this short run; packed = the packed history alone, what a token "
-        "costs at long contexts; fp16/x = how many times smaller than an fp16 cache; agreement = teacher-forced "
+        "costs at long contexts; x less = how many times smaller than an fp16 cache; agree = teacher-forced "
         "greedy argmax equal to the exact cache's, position by position."
     )
     if args.json:
