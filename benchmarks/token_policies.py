@@ -233,11 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.combine:  # parts run as separate processes: one table and one figure list
         results = {}
+        keep = set(args.methods.split(",")) | {"exact"} if args.methods else None
         for path in args.combine.split(","):
             for part, rows in json.loads(Path(path).read_text())["results"].items():
                 if part != "figures":  # rows of the same part from several runs: first run wins
                     known = {r["method"] for r in results.setdefault(part, [])}
-                    keep = set(args.methods.split(",")) | {"exact"} if args.methods else None
                     results[part] += [
                         r for r in rows if r["method"] not in known and (keep is None or r["method"] in keep)
                     ]

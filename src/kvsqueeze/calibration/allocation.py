@@ -145,30 +145,20 @@ def keep_exact_by_layer(
     """
     if not 0 <= mean <= 1:
         raise ValueError(f"tokens.keep_exact: {mean!r} must be a fraction in [0, 1]")
-    layers = sorted(sensitivity)
-    s = {layer: max(0.0, float(sensitivity[layer])) ** power for layer in layers}
-    if not layers:
-        return {}
-    if mean in (0, 1) or max(s.values()) <= 0:
-        return {layer: float(mean) for layer in layers}
-
-    def total(c: float) -> float:
-        return sum(min(1.0, c * v) for v in s.values())
-
-    lo, hi = 0.0, 1.0
-    while total(hi) < mean * len(layers):
-        hi *= 2
-        if hi > 1e30:  # some layers have zero sensitivity: fill them evenly with the rest
-            break
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if total(mid) < mean * len(layers) else (lo, mid)
-    out = {layer: min(1.0, hi * v) for layer, v in s.items()}
-    rest = mean * len(layers) - sum(out.values())
-    if rest > 1e-9:  # only when zero-sensitivity layers remain: spread the remainder over them
-        free = [layer for layer, f in out.items() if f < 1.0]
-        for layer in free:
-            out[layer] = min(1.0, out[layer] + rest / len(free))
+    s = {layer: max(0.0, float(v)) ** power for layer, v in sorted(sensitivity.items())}
+    positive = [v for v in s.values() if v > 0]
+    budget = mean * len(s)
+    if mean in (0, 1) or not positive:
+        return {layer: float(mean) for layer in s}
+    if len(positive) <= budget:  # every sensitive layer entirely exact, the rest spread evenly
+        rest = (budget - len(positive)) / (len(s) - len(positive))
+        out = {layer: 1.0 if v > 0 else rest for layer, v in s.items()}
+    else:  # bisect c in (0, 1 / min s]: at the upper end every sensitive layer is saturated
+        lo, hi = 0.0, 1.0 / min(positive)
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if sum(min(1.0, mid * v) for v in s.values()) < budget else (lo, mid)
+        out = {layer: min(1.0, hi * v) for layer, v in s.items()}
     return {layer: round(f, 4) for layer, f in out.items()}
 
 

@@ -59,17 +59,12 @@ def held_tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
 
 def store_tensor_bytes(stores: Iterable[Any]) -> int:
     """Bytes of the distinct tensor storages kvsqueeze layer stores hold, found by walking their
-    buffers (exact buffers' ``data``, paged stores' pages, a mixed store's pending tokens) rather
+    buffers' ``tensors()`` (exact data, chunks, pages) and a mixed store's pending tokens rather
     than by their own ``nbytes`` bookkeeping, which it checks."""
     tensors: list[torch.Tensor] = []
     for store in stores:
         for buf in store.buffers():
-            if hasattr(buf, "data"):
-                tensors.append(buf.data)
-            elif hasattr(buf, "chunks"):
-                tensors += buf.tensors()
-            else:
-                tensors += [t for p in buf.pages for t in p.tensors()]
+            tensors += buf.tensors()
         tensors += list(getattr(store, "pending", None) or ())
     return held_tensor_bytes([t for t in tensors if t is not None])
 

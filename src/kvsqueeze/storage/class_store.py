@@ -3,7 +3,8 @@
 Packed classes take tokens in whole blocks (per-channel groups span ``block_size`` tokens), but a
 precision plan sends any number of tokens to a class: up to ``block_size - 1`` of them wait exact
 in a staging buffer until a block is full, then are quantized once. The exact class has no
-staging and no pages: `ExactChunks`. Staging buffers hold exactly their tokens (``step=1``). Order inside a class does not matter to attention (keys are stored post-RoPE).
+staging and no pages: `ExactChunks`. Staging buffers hold exactly their tokens (``step=1``).
+Order inside a class does not matter to attention (keys are stored post-RoPE).
 """
 
 from __future__ import annotations

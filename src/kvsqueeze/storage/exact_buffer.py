@@ -1,13 +1,17 @@
-"""`ExactBuffer`: a bounded buffer of exact tokens (sinks, residual window, staging, exact class).
+"""Buffers of exact tokens (batch, kv_heads, tokens, head_dim): sinks, windows, staging, exact class.
 
-Two allocation modes:
+`ExactBuffer` has two allocation modes:
 
 * whole (``step=None``): the storage is allocated once, on first write, at full ``capacity``; no
   allocation during decoding (sinks and the window of plain caches, which fill up anyway);
-* stepped (``step=k``): the storage holds the tokens rounded up to ``k`` (plus 1/16 headroom when
-  growing), grows by reallocation and shrinks to that size again when `assign` holds fewer tokens. Buffers
-  whose fill level swings (the window and staging of a token-policy store) or grows without a fixed
-  bound (the exact class) then hold, and report, about the bytes of the tokens they keep.
+* stepped (``step=k``): the storage holds the tokens rounded up to ``k``, grows by reallocation and
+  shrinks when `assign` holds fewer tokens. Buffers whose fill level swings (the window and staging
+  of a token-policy store, ``step=1``) then hold, and report, the bytes of the tokens they keep; a
+  reallocation copies at most ``capacity`` tokens.
+
+`ExactChunks` holds exact tokens without a bound (the exact class of a token-policy store): a
+stepped tail buffer frozen as a chunk once it reaches ``chunk_tokens``, so a copy never exceeds one
+chunk and no chunk holds unused rows.
 """
 
 from __future__ import annotations
@@ -73,6 +77,10 @@ class ExactBuffer:
     def nbytes(self) -> int:
         return 0 if self.data is None else self.data.numel() * self.data.element_size()
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The storage this buffer holds (for walks independent of `nbytes`)."""
+        return [] if self.data is None else [self.data]
+
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.data is not None:
             self.data = fn(self.data)
@@ -114,7 +122,7 @@ class ExactChunks:
         return sum(c.numel() * c.element_size() for c in self.chunks) + self.tail.nbytes
 
     def tensors(self) -> list[torch.Tensor]:
-        return self.chunks + ([] if self.tail.data is None else [self.tail.data])
+        return self.chunks + self.tail.tensors()
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.chunks = [fn(c) for c in self.chunks]

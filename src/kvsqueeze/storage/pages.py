@@ -83,6 +83,10 @@ class PagedStore:
         """Bytes held by all pages, including the unused tail of the last page."""
         return sum(page.nbytes for page in self.pages)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The storage of every page (for walks independent of `nbytes`)."""
+        return [t for page in self.pages for t in page.tensors()]
+
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch-dimension operation (select, reorder, repeat) to every page."""
         self.pages = [page.map(fn) for page in self.pages]
