@@ -86,6 +86,14 @@ def test_cli_demo_small(tmp_path, capsys):
         (["generate", "hi", "--max-new-tokens", "9000"], "exceed the model's context of 8192"),
         (["generate", "--prompt-file", "/no/such/file.txt"], "prompt_file"),
         (["presets", "--model", "./no/such/model"], "does not exist"),
+        (
+            ["calibrate", "--preset", "k2v2-keep10", "--target-bits", "3"],
+            "--target-bits: 'k2v2-keep10' has a token policy",
+        ),
+        (
+            ["calibrate", "--preset", "k2v2-keep10", "--bits", "2,4"],
+            "--bits: 'k2v2-keep10' has a token policy",
+        ),
     ],
 )
 def test_cli_bad_input_names_the_field(argv, needle, capsys):

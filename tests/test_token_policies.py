@@ -166,6 +166,8 @@ def test_calibrate_spreads_keep_exact_over_layers(tiny_llama, tmp_path) -> None:
         calibrate(
             tiny_llama, ids, small(TokenPolicy(scorer="knorm", keep_exact=5), K2, V2), 0.0, (2,), 200, 64, 16
         )
+    with pytest.raises(ValueError, match="reuse: a token-policy calibration"):
+        calibrate(tiny_llama, ids, base, 0.0, (2,), 200, 64, 16, reuse=cal)
 
 
 def test_config_round_trips_with_token_policy() -> None:

@@ -61,6 +61,8 @@ def calibrate(
     its codebooks and sensitivities are taken as they are and only the allocation is redone (for
     another ``target_bits``)."""
     if base.tokens is not None:
+        if reuse is not None:
+            raise ValueError("reuse: a token-policy calibration has no bit allocation to redo; allowed: None")
         return _calibrate_keep_exact(model, token_ids, base, num_tokens, prefill_tokens, score_tokens, log)
     if base.key is None or base.value is None or base.layer_overrides:
         raise ValueError("preset: calibration needs a base config with key and value specs and no overrides")

@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--target-bits", type=float, default=None, help="average bits/element (default: the preset's)"
     )
-    p.add_argument("--bits", default="2,3,4", help="bit widths a layer may get")
+    p.add_argument("--bits", default=None, help="bit widths a layer may get (default 2,3,4)")
     p.add_argument(
         "--tokens", type=int, default=1024, help="calibration tokens, taken from the END of the text"
     )
@@ -57,9 +57,21 @@ def run(args: argparse.Namespace) -> None:
     from ..models import load_model
 
     base = CacheConfig.load(args.preset) if args.preset.endswith(".json") else resolve_config(args.preset)
-    bits = tuple(int(b) for b in args.bits.split(",") if b.strip())
+    if base.tokens is not None:  # keep_exact budgets per layer: the bit-allocation flags do not apply
+        given = [
+            f
+            for f, v in (("--bits", args.bits), ("--target-bits", args.target_bits), ("--reuse", args.reuse))
+            if v
+        ]
+        if given:
+            raise ValueError(
+                f"{given[0]}: {args.preset!r} has a token policy, whose calibration spreads keep_exact over "
+                "layers and allocates no bits; allowed with it: --tokens, --prefill, --score, --text-file, --out"
+            )
+    bits_text = args.bits or "2,3,4"
+    bits = tuple(int(b) for b in bits_text.split(",") if b.strip())
     if not bits or any(b not in (2, 3, 4, 8) for b in bits):
-        raise ValueError(f"--bits: {args.bits!r} must list widths from (2, 3, 4, 8)")
+        raise ValueError(f"--bits: {bits_text!r} must list widths from (2, 3, 4, 8)")
     target = args.target_bits if args.target_bits is not None else base.bits_per_element()
     text_file = args.text_file or default_text_file()
     if text_file is None:
