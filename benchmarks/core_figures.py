@@ -63,9 +63,7 @@ def run_memory(model, ids: torch.Tensor) -> list[dict]:
         cache = SqueezedCache.from_model(model, name)
         with torch.inference_mode():
             for start in range(0, tokens.shape[1], 1024):
-                model(
-                    tokens[:, start : start + 1024], past_key_values=cache, use_cache=True, logits_to_keep=1
-                )
+                model(tokens[:, start : start + 1024], cache=cache, use_cache=True, logits_to_keep=1)
         report = cache.memory_report()
         walked = held_tensor_bytes(cache)
         fraction = cache.nbytes() / (FP16_BYTES_PER_TOKEN * tokens.shape[1])

@@ -152,7 +152,7 @@ def decode(model, cache, first: torch.Tensor, steps: int) -> float:
     token, times = first, []
     for _ in range(steps + 2):
         start = time.perf_counter()
-        out = model(token, past_key_values=cache, use_cache=True)
+        out = model(token, cache=cache, use_cache=True)
         times.append(time.perf_counter() - start)
         token = out.logits[:, -1:].argmax(-1)
     return statistics.median(times[2:])
@@ -161,7 +161,7 @@ def decode(model, cache, first: torch.Tensor, steps: int) -> float:
 @torch.inference_mode()
 def prefill(model, cache, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
     return time.perf_counter() - start, out.logits[:, -1:].argmax(-1)
 
 

@@ -155,6 +155,21 @@ ERRORS = [
         ["'nbits'", "QuantSpec"],
     ),
     ("resolve-type", lambda: resolve_config(42), ["config", "42"]),
+    (
+        "read-path-unknown",
+        lambda: preset("k4v4").check_read_path("eager", "--attn", "k4v4"),
+        ["--attn", "'eager'", "'reference'", "'fused'"],
+    ),
+    (
+        "read-path-reference-attention-scores",
+        lambda: preset("h2o-50").check_read_path("reference", "--attn", "--kv h2o-50"),
+        ["--attn", "'reference'", "h2o-50", "attention", "['fused']"],
+    ),
+    (
+        "read-path-fused-rotation",
+        lambda: preset("best-3bit").check_read_path("fused", "--attn", "--kv best-3bit"),
+        ["--attn", "'fused'", "best-3bit", "rotations", "['reference']"],
+    ),
 ]
 
 
@@ -165,6 +180,17 @@ def test_bad_input_names_field_and_value(make, fragments: list[str]) -> None:
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+@pytest.mark.parametrize(
+    ("name", "paths"),
+    [("k4v4", ("reference", "fused")), ("none", ("reference", "fused")), ("best-2bit", ("reference",)),
+     ("h2o-50", ("fused",)), ("knorm-50", ("reference", "fused"))],
+)  # fmt: skip
+def test_read_paths(name: str, paths: tuple[str, ...]) -> None:
+    assert preset(name).read_paths == paths
+    for path in paths:
+        preset(name).check_read_path(path, "--attn", name)
 
 
 @pytest.mark.parametrize("lookup", [preset, resolve_config])

@@ -40,7 +40,7 @@ def test_int8_same_32_greedy_tokens_as_exact(smollm, offset):
     def generate(kv):
         cache = SqueezedCache.from_model(model, kv)
         with torch.inference_mode():
-            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32, do_sample=False)
+            out = model.generate(**inputs, cache=cache, max_new_tokens=32, do_sample=False)
         return out[0, inputs["input_ids"].shape[1] :], cache
 
     exact, _ = generate("none")
@@ -62,7 +62,7 @@ def test_cli_generate_streams_and_reports_bytes(capsys):
     assert main(["generate", "What is the capital of France?", "--kv", "k4v4", "--max-new-tokens", "8"]) == 0
     captured = capsys.readouterr()
     assert "Paris" in captured.out
-    assert "KV cache (k4v4)" in captured.err
+    assert "KV cache (k4v4, reference path)" in captured.err
 
 
 def test_cli_demo_small(tmp_path, capsys):

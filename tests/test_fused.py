@@ -215,7 +215,7 @@ def run_chunks(model, config, tokens, chunks, mask=None, fused=None):
         if mask is not None:
             kwargs["attention_mask"] = mask[:, : pos + n]
             kwargs["position_ids"] = (mask[:, : pos + n].cumsum(-1) - 1).clamp_min(0)[:, pos:]
-        out.append(model(tokens[:, pos : pos + n], past_key_values=cache, use_cache=True, **kwargs).logits)
+        out.append(model(tokens[:, pos : pos + n], cache=cache, use_cache=True, **kwargs).logits)
         pos += n
     return torch.cat(out, dim=1)
 
@@ -420,7 +420,7 @@ def test_embedded_model_int8_greedy_identical() -> None:
     def generate(fused: bool) -> torch.Tensor:
         cache = SqueezedCache.from_model(model, "int8", fused=fused)
         with torch.inference_mode():
-            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32, do_sample=False)
+            out = model.generate(**inputs, cache=cache, max_new_tokens=32, do_sample=False)
         assert cache.memory_report().parts["packed_keys"] > 0
         return out[0, inputs["input_ids"].shape[1] :]
 

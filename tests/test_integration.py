@@ -133,7 +133,7 @@ def chunked_logits(model: torch.nn.Module, cache: object, ids: torch.Tensor) -> 
     """Logits of every position, fed in CHUNKS through ``cache``."""
     out, pos = [], 0
     for n in CHUNKS:
-        out.append(model(ids[:, pos : pos + n], past_key_values=cache, use_cache=True).logits)
+        out.append(model(ids[:, pos : pos + n], cache=cache, use_cache=True).logits)
         pos += n
     return torch.cat(out, dim=1)
 
@@ -234,7 +234,7 @@ def test_generate_greedy_none_equals_plain_generate(name: str) -> None:
     model, ids = tiny_model(name), random_ids(PROMPT)
     plain = model.generate(ids, max_new_tokens=NEW, do_sample=False)
     cache = SqueezedCache.from_model(model, "none")
-    squeezed = model.generate(ids, max_new_tokens=NEW, do_sample=False, past_key_values=cache)
+    squeezed = model.generate(ids, max_new_tokens=NEW, do_sample=False, cache=cache)
     assert plain.shape == (1, PROMPT + NEW)
     assert torch.equal(squeezed, plain)
     assert cache.get_seq_length() == PROMPT + NEW - 1  # the last token is never fed back
@@ -244,12 +244,10 @@ def test_generate_greedy_none_equals_plain_generate(name: str) -> None:
 def test_generate_sampling_none_equals_dynamic_cache(name: str) -> None:
     model, ids = tiny_model(name), random_ids(PROMPT)
     torch.manual_seed(123)
-    plain = model.generate(
-        ids, max_new_tokens=NEW, do_sample=True, past_key_values=DynamicCache(config=model.config)
-    )
+    plain = model.generate(ids, max_new_tokens=NEW, do_sample=True, cache=DynamicCache(config=model.config))
     torch.manual_seed(123)
     squeezed = model.generate(
-        ids, max_new_tokens=NEW, do_sample=True, past_key_values=SqueezedCache.from_model(model, "none")
+        ids, max_new_tokens=NEW, do_sample=True, cache=SqueezedCache.from_model(model, "none")
     )
     assert torch.equal(squeezed, plain)
     greedy = model.generate(ids, max_new_tokens=NEW, do_sample=False)
@@ -262,7 +260,7 @@ def test_generate_quantized_runs_to_max_new_tokens(name: str, preset: str) -> No
     model, ids = tiny_model(name), random_ids(PROMPT)
     new = 200  # past sinks + residual window: blocks get quantized during decoding
     cache = SqueezedCache.from_model(model, preset)
-    out = model.generate(ids, max_new_tokens=new, do_sample=False, past_key_values=cache)
+    out = model.generate(ids, max_new_tokens=new, do_sample=False, cache=cache)
     assert out.shape == (1, PROMPT + new)
     assert torch.equal(out[:, :PROMPT], ids)
     assert cache.get_seq_length() == PROMPT + new - 1
@@ -310,7 +308,7 @@ def test_batched_greedy_equals_per_sequence(name: str, config: str | CacheConfig
         max_new_tokens=new,
         do_sample=False,
         pad_token_id=PAD,
-        past_key_values=SqueezedCache.from_model(model, config),
+        cache=SqueezedCache.from_model(model, config),
     )
     for i, seq in enumerate(seqs):
         alone = model.generate(
@@ -318,7 +316,7 @@ def test_batched_greedy_equals_per_sequence(name: str, config: str | CacheConfig
             max_new_tokens=new,
             do_sample=False,
             pad_token_id=PAD,
-            past_key_values=SqueezedCache.from_model(model, config),
+            cache=SqueezedCache.from_model(model, config),
         )
         assert torch.equal(batched[i, ids.shape[1] :], alone[0, len(seq) :]), i
 
@@ -329,11 +327,11 @@ def forced_logits(
 ) -> torch.Tensor:
     """Last prefill logits, then the logits of decoding ``forced`` tokens one by one (teacher forcing)."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = [model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits[:, -1:]]
+    out = [model(ids, attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1:]]
     for t in range(forced.shape[1]):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = positions[:, -1:] + 1
-        step = model(forced[:, t : t + 1], attention_mask=mask, position_ids=positions, past_key_values=cache)
+        step = model(forced[:, t : t + 1], attention_mask=mask, position_ids=positions, cache=cache)
         out.append(step.logits)
     return torch.cat(out, dim=1)
 
@@ -361,11 +359,11 @@ def test_batch_repeat_and_select_match_dynamic_cache() -> None:
     outs = []
     for cache in (DynamicCache(config=model.config), SqueezedCache.from_model(model, EXACT_PAGED)):
         with torch.no_grad():
-            model(ids, past_key_values=cache)
+            model(ids, cache=cache)
             cache.batch_repeat_interleave(2)
-            a = model(more, past_key_values=cache).logits
+            a = model(more, cache=cache).logits
             cache.batch_select_indices(torch.tensor([1]))
-            b = model(more[1:, :3], past_key_values=cache).logits
+            b = model(more[1:, :3], cache=cache).logits
         outs.append((a, b))
     assert torch.equal(outs[0][0], outs[1][0])
     assert torch.equal(outs[0][1], outs[1][1])
@@ -411,9 +409,9 @@ def walked_nbytes(cache: SqueezedCache) -> tuple[int, set[torch.dtype]]:
 def fill(model: torch.nn.Module, cache: SqueezedCache, n: int, batch: int = 1) -> None:
     ids = random_ids(n, batch=batch)
     with torch.no_grad():
-        model(ids[:, : n - 21], past_key_values=cache)
+        model(ids[:, : n - 21], cache=cache)
         for start in range(n - 21, n, 7):
-            model(ids[:, start : start + 7], past_key_values=cache)
+            model(ids[:, start : start + 7], cache=cache)
 
 
 def check_report(cache: SqueezedCache, tokens: int, batch: int) -> MemoryReport:
@@ -513,8 +511,8 @@ def test_beam_search_none_equals_dynamic_cache(name: str, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(SqueezedLayer, "reorder_cache", spy)
     kwargs = dict(max_new_tokens=30, num_beams=2, num_return_sequences=2, do_sample=False)
-    plain = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
-    squeezed = model.generate(ids, past_key_values=SqueezedCache.from_model(model, "none"), **kwargs)
+    plain = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)
+    squeezed = model.generate(ids, cache=SqueezedCache.from_model(model, "none"), **kwargs)
     assert plain.shape == (2, PROMPT + 30)
     assert torch.equal(squeezed, plain)
     assert calls, "beam search never reordered the SqueezedCache"
@@ -528,33 +526,25 @@ def test_beam_search_int8_runs() -> None:
         max_new_tokens=160,
         num_beams=2,
         do_sample=False,
-        past_key_values=SqueezedCache.from_model(model, "int8"),
+        cache=SqueezedCache.from_model(model, "int8"),
     )
     assert out.shape == (1, PROMPT + 160)
 
 
-def test_crop_raises_a_clear_error() -> None:
-    model = tiny_model("gemma3")  # sliding layer first: it must not be cropped alone
+def test_crop_rolls_back_every_layer_kind() -> None:
+    """A hybrid model (sliding layer first): ``crop(-n)`` removes the newest tokens of every layer."""
+    model = tiny_model("gemma3")
     cache = SqueezedCache.from_model(model, "none")
-    cache.activate_past_recording()  # as assisted decoding does: the sliding layer could roll back
+    cache.activate_past_recording()  # as assisted decoding does: the sliding layer can roll back too
     fill(model, cache, 100)
-    assert not cache.is_croppable
-    with pytest.raises(NotImplementedError, match="crop") as info:
-        cache.crop(-1)
-    assert "DynamicCache" in str(info.value)
-    assert [layer.get_seq_length() for layer in cache.layers] == [100, 100]
-    cache.crop(0)  # no rollback: allowed (it only trims the sliding layer back to its window)
-    assert [layer.get_seq_length() for layer in cache.layers] == [100, 100]
+    assert cache.is_croppable
+    cache.crop(-3)
+    assert [layer.get_seq_length() for layer in cache.layers] == [97, 97]
+    cache.crop(0)  # trims the sliding layer back to its window (as transformers does)
     assert cache.layers[0].keys.shape[-2] == SLIDING_WINDOW - 1
-    # Assisted (prompt-lookup) decoding rolls back rejected tokens: the same error surfaces.
-    ids = random_ids(40).repeat(1, 2)
-    with pytest.raises(NotImplementedError, match="crop"):
-        model.generate(
-            ids,
-            max_new_tokens=10,
-            prompt_lookup_num_tokens=3,
-            past_key_values=SqueezedCache.from_model(model, "int8"),
-        )
+    with pytest.raises(ValueError, match="crop: 5; allowed: a negative number"):
+        cache.crop(5)
+    assert [layer.get_seq_length() for layer in cache.layers] == [97, 97]
 
 
 # --------------------------------------------------------------------------------- 6. bad input
@@ -565,16 +555,16 @@ def test_longer_than_context_raises_and_keeps_the_cache(name: str) -> None:
     model = tiny_model(name)
     context = model.config.max_position_embeddings
     with pytest.raises(ValueError, match="context") as info, torch.no_grad():
-        model(random_ids(context + 1), past_key_values=SqueezedCache.from_model(model, "int8"))
+        model(random_ids(context + 1), cache=SqueezedCache.from_model(model, "int8"))
     assert str(context) in str(info.value) and "max_position_embeddings" in str(info.value)
     # Crossing the context while decoding: nothing is stored, no layer runs ahead of the others.
     cache = SqueezedCache.from_model(model, "int8")
     with torch.no_grad():
-        model(random_ids(context - 3), past_key_values=cache)
+        model(random_ids(context - 3), cache=cache)
         with pytest.raises(ValueError, match="context"):
-            model(random_ids(7), past_key_values=cache)
+            model(random_ids(7), cache=cache)
         assert [layer.get_seq_length() for layer in cache.layers] == [context - 3] * len(cache.layers)
-        model(random_ids(3), past_key_values=cache)  # up to the context exactly is fine
+        model(random_ids(3), cache=cache)  # up to the context exactly is fine
     assert cache.get_seq_length() == context
 
 
@@ -587,8 +577,11 @@ def test_unknown_preset_lists_presets() -> None:
 
 @pytest.mark.parametrize("preset", ["int8", "k4v4", "k2v2"])
 def test_head_dim_not_divisible_by_group_size_names_the_field(preset: str) -> None:
+    """An explicit config is never changed behind the user's back (preset names fit head_dim:
+    tests/test_head_dim.py)."""
     model = tiny_model("llama-gqa", head_dim=48)
-    group = PRESETS[preset].value.group_size
+    config = PRESETS[preset]
+    group = config.value.group_size
     with pytest.raises(ValueError, match=r"value\.group_size") as info:
-        SqueezedCache.from_model(model, preset)
+        SqueezedCache.from_model(model, config)
     assert f"{group} does not divide head_dim 48" in str(info.value)

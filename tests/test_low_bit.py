@@ -198,7 +198,7 @@ def logits(config, chunks=(150, 40, 1, 1, 70)) -> torch.Tensor:
     cache = DynamicCache(config=model.config) if config is None else SqueezedCache.from_model(model, config)
     out, pos = [], 0
     for n in chunks:
-        out.append(model(tokens[:, pos : pos + n], past_key_values=cache, use_cache=True).logits)
+        out.append(model(tokens[:, pos : pos + n], cache=cache, use_cache=True).logits)
         pos += n
     return torch.cat(out, 1)
 

@@ -102,7 +102,7 @@ def test_image_tokens_low_bit_text_exact_generate_runs(name) -> None:
     cache.set_roles(roles_from_ids(input_ids, model.config))
     with torch.inference_mode():
         out = model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), cache=cache,
             max_new_tokens=NEW_TOKENS, do_sample=False, **images,
         )  # fmt: skip
     assert out.shape[-1] == input_ids.shape[-1] + NEW_TOKENS

@@ -87,7 +87,7 @@ def test_layer_keep_exact_budgets_reach_the_stores(tiny_llama) -> None:
     cache = SqueezedCache(small(policy, K2, V2), tiny_llama.config)
     ids = torch.randint(1, 256, (1, 120), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        tiny_llama(input_ids=ids, past_key_values=cache, use_cache=True)
+        tiny_llama(input_ids=ids, cache=cache, use_cache=True)
     exact = [layer.store.classes[Precision.EXACT].num_tokens for layer in cache.layers]
     decided = cache.layers[1].store.counts.decided
     assert exact == [0, decided // 2] and decided > 0
@@ -105,7 +105,7 @@ def test_token_policies_take_per_layer_overrides_but_not_transforms(tiny_llama) 
     cache = SqueezedCache(cfg, tiny_llama.config)
     ids = torch.randint(1, 256, (1, 120), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        tiny_llama(input_ids=ids, past_key_values=cache, use_cache=True)
+        tiny_llama(input_ids=ids, cache=cache, use_cache=True)
     low = [layer.store.classes[Precision.LOW] for layer in cache.layers]
     assert low[0].pages_k.spec == K2 and low[1].pages_k.spec == k4 and low[1].pages_v.spec is None
     with pytest.raises(ValueError, match="tokens: a token policy cannot be combined with rotate_keys"):
@@ -283,7 +283,7 @@ def ids(n: int, batch: int = 1) -> torch.Tensor:
 def run_chunks(model, cache, tokens):
     out, pos = [], 0
     for n in CHUNKS:
-        out.append(model(tokens[:, pos : pos + n], past_key_values=cache, use_cache=True).logits)
+        out.append(model(tokens[:, pos : pos + n], cache=cache, use_cache=True).logits)
         pos += n
     return torch.cat(out, dim=1)
 
@@ -343,7 +343,7 @@ def test_every_token_preset_generates_and_reports_bytes(name) -> None:
     prompt = ids(300)
     cache.set_roles(mark_spans(torch.zeros(1, 300, dtype=torch.int8), [(0, 20), (280, 300)]))
     with torch.inference_mode():
-        out = model.generate(prompt, past_key_values=cache, max_new_tokens=20, do_sample=False)
+        out = model.generate(prompt, cache=cache, max_new_tokens=20, do_sample=False)
     assert out.shape[-1] == 320
     report = cache.memory_report()
     assert report.num_tokens == 319  # the last generated token is not fed back
@@ -361,14 +361,14 @@ def test_eviction_generate_matches_manual_decode() -> None:
         out = fused.generate(
             prompt,
             attention_mask=torch.ones_like(prompt),
-            past_key_values=cache,
+            cache=cache,
             max_new_tokens=12,
             do_sample=False,
         )
         cache2 = SqueezedCache.from_model(fused, config)
-        logits = fused(prompt, past_key_values=cache2, use_cache=True).logits[:, -1:]
+        logits = fused(prompt, cache=cache2, use_cache=True).logits[:, -1:]
         manual = [logits.argmax(-1)]
         for _ in range(11):
-            manual.append(fused(manual[-1], past_key_values=cache2, use_cache=True).logits[:, -1:].argmax(-1))
+            manual.append(fused(manual[-1], cache=cache2, use_cache=True).logits[:, -1:].argmax(-1))
     assert out[:, 150:].tolist() == torch.cat(manual, dim=1).tolist()
     assert cache.layers[0].store.num_tokens < cache.get_seq_length()

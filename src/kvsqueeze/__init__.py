@@ -3,7 +3,7 @@
     from kvsqueeze import SqueezedCache, load_model
     model, tokenizer = load_model("smollm2-135m")
     cache = SqueezedCache.from_model(model, "k4v2")
-    model.generate(**inputs, past_key_values=cache)
+    model.generate(**inputs, cache=cache)
 
 Fused read path (attention computed on the packed codes):
 

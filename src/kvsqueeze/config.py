@@ -12,18 +12,22 @@ from pathlib import Path
 
 from .policies import presses
 from .policies.plan import TokenPolicy
-from .quant.spec import QuantSpec, as_spec, from_fields
+from .quant.spec import Axis, QuantSpec, as_spec, from_fields
 
 __all__ = [
     "PRESETS",
+    "READ_PATHS",
     "TOKEN_PRESETS",
     "CacheConfig",
     "LayerOverride",
     "QuantSpec",
     "TokenPolicy",
+    "fit_group_size",
     "preset",
     "resolve_config",
 ]
+
+READ_PATHS = ("reference", "fused")  # dequantize then SDPA; attention on the packed codes
 
 
 @dataclass(frozen=True)
@@ -147,10 +151,11 @@ class CacheConfig:
                 "tokens: a token policy cannot be combined with rotate_keys, rotate_values or pre_rope_keys "
                 "yet; allowed: a token policy over key/value specs (per-layer overrides included)"
             )
-        for name, spec in self._named_specs():
+        for name, spec in self.named_specs():
             spec.check_block_size(self.block_size, field=f"{name}.group_size")
 
-    def _named_specs(self) -> list[tuple[str, QuantSpec]]:
+    def named_specs(self) -> list[tuple[str, QuantSpec]]:
+        """(field name, spec) of every spec in the tree, e.g. ``("value", ...)``, ``("tokens.high_key", ...)``."""
         named = [(n, getattr(self, n)) for n in ("key", "value") if getattr(self, n) is not None]
         for o in self.layer_overrides:
             for name in ("key", "value"):
@@ -174,8 +179,33 @@ class CacheConfig:
     @property
     def kernel_readable(self) -> bool:
         """Whether the native fused kernels can read this cache (plain int/FP8 codes, no transform)."""
-        plain = all(spec.is_plain for _, spec in self._named_specs())
+        plain = all(spec.is_plain for _, spec in self.named_specs())
         return plain and not (self.rotate_keys or self.rotate_values or self.pre_rope_keys)
+
+    @property
+    def read_paths(self) -> tuple[str, ...]:
+        """The read paths that can run this config: ``"reference"`` (dequantize, then SDPA) unless its
+        token policy scores tokens by attention, ``"fused"`` when the native kernels can read it."""
+        ok = {"reference": not self.needs_attention, "fused": self.kernel_readable}
+        return tuple(path for path in READ_PATHS if ok[path])
+
+    def check_read_path(self, path: str, field: str, label: str) -> None:
+        """Raise ValueError naming ``field``, ``path``, the config ``label``, why, and the allowed
+        paths when the read path ``path`` cannot run this config."""
+        if path not in READ_PATHS:
+            raise ValueError(f"{field}: {path!r} is unknown; allowed: {list(READ_PATHS)}")
+        if path in self.read_paths:
+            return
+        why = {
+            "fused": "the native fused kernels cannot read codebook or outlier formats, rotations or "
+            "pre-RoPE keys",
+            "reference": "its token policy scores tokens by attention, which only the fused path sees",
+        }[path]
+        paths = self.read_paths
+        allowed = (
+            str(list(paths)) if paths else "none (it needs the fused path, which cannot read its formats)"
+        )
+        raise ValueError(f"{field}: {path!r} cannot run {label}: {why}; allowed for it: {allowed}")
 
     def for_layer(self, layer: int) -> CacheConfig:
         """The config of model layer ``layer`` (its override applied, no overrides left)."""
@@ -187,9 +217,28 @@ class CacheConfig:
                 return replace(out, key=o.key, value=o.value, layer_overrides=())
         return replace(out, layer_overrides=()) if self.layer_overrides else out
 
+    def for_head_dim(self, head_dim: int) -> CacheConfig:
+        """This config with every per-token group size that does not divide ``head_dim`` lowered to
+        `fit_group_size`; per-channel groups (along tokens) are kept. What a preset *name* becomes
+        on a model (`resolve_config`); ``self`` when nothing changes."""
+
+        def fit(spec: QuantSpec | None) -> QuantSpec | None:
+            if spec is None or spec.axis is not Axis.TOKEN or head_dim % spec.group_size == 0:
+                return spec
+            return replace(spec, group_size=fit_group_size(spec.group_size, head_dim))
+
+        tokens = self.tokens
+        if tokens is not None:
+            tokens = replace(tokens, high_key=fit(tokens.high_key), high_value=fit(tokens.high_value))
+        overrides = tuple(replace(o, key=fit(o.key), value=fit(o.value)) for o in self.layer_overrides)
+        out = replace(
+            self, key=fit(self.key), value=fit(self.value), layer_overrides=overrides, tokens=tokens
+        )
+        return self if out == self else out
+
     def check_model(self, num_kv_heads: int, head_dim: int, num_layers: int | None = None) -> None:
         """Raise if the specs cannot tile this model's heads (or overrides name missing layers)."""
-        for name, spec in self._named_specs():
+        for name, spec in self.named_specs():
             spec.check_head_dim(head_dim, field=f"{name}.group_size")
         if num_layers is not None:
             if self.tokens is not None:
@@ -383,8 +432,28 @@ PRESET_NOTES: dict[str, str] = {
 }
 
 
+def fit_group_size(group_size: int, head_dim: int) -> int:
+    """The per-token group size a preset's nominal ``group_size`` takes on heads of ``head_dim``
+    channels: the largest divisor of ``head_dim`` not above ``group_size`` (see `preset`)."""
+    return max(d for d in range(1, min(group_size, head_dim) + 1) if head_dim % d == 0)
+
+
 def preset(name: str) -> CacheConfig:
-    """The named preset (`PRESETS` or `TOKEN_PRESETS`); ValueError listing the allowed names otherwise."""
+    """The named preset (`PRESETS` or `TOKEN_PRESETS`); ValueError listing the allowed names otherwise.
+
+    The catalogue is written for head_dim 64 and 128 (its per-token groups are 32 or 64 channels).
+    On another model a preset *name* is fitted to its head_dim (`resolve_config` with ``head_dim``,
+    as `SqueezedCache` does): every per-token group that does not divide head_dim becomes the
+    largest divisor of head_dim below it (`fit_group_size`), so groups are never coarser than the
+    nominal ones (accuracy at least nominal) and cost the fewest extra scale bits: group 64 -> 40 /
+    48 / 56 and group 32 -> 20 / 32 / 28 for head_dim 80 / 96 / 112 (int4 g64 4.50 -> 4.80 / 4.67 /
+    4.57 bits per element); head_dim 64, 128 and 256 keep every group. Nothing else constrains the
+    choice: codes are bit-packed along the whole head (3-bit needs head_dim a multiple of 8, not
+    of the group), rotations act on the whole head (randomized Hadamard for power-of-two head_dim,
+    a seeded orthogonal matrix otherwise), the generic native kernel reads any group dividing
+    head_dim and the fast one only head_dim 64 / 128, where groups are kept. Per-channel key
+    groups run along tokens (they divide ``block_size``) and are never changed.
+    """
     if name in PRESETS:
         return PRESETS[name]
     if name in TOKEN_PRESETS:
@@ -392,12 +461,20 @@ def preset(name: str) -> CacheConfig:
     raise ValueError(f"preset: {name!r} is unknown; allowed: {[*PRESETS, *TOKEN_PRESETS]}")
 
 
-def resolve_config(config: str | CacheConfig | dict) -> CacheConfig:
-    """A `CacheConfig` from a preset name, a dict of fields, or a `CacheConfig`."""
+def resolve_config(config: str | CacheConfig | dict, head_dim: int | None = None) -> CacheConfig:
+    """A `CacheConfig` from a preset name, a dict of fields, or a `CacheConfig`.
+
+    With ``head_dim`` (the model's), a preset name is fitted to it (`preset`,
+    `CacheConfig.for_head_dim`); a dict or `CacheConfig` is the user's explicit choice and is
+    returned unchanged (`CacheConfig.check_model` rejects groups that do not divide head_dim).
+    """
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1):
+        raise ValueError(f"head_dim: {head_dim!r} must be a positive integer")
     if isinstance(config, CacheConfig):
         return config
     if isinstance(config, str):
-        return preset(config)
+        named = preset(config)
+        return named if head_dim is None else named.for_head_dim(head_dim)
     if isinstance(config, dict):
         return CacheConfig.from_dict(config)
     raise ValueError(

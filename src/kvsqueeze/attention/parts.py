@@ -21,6 +21,7 @@ from ..quant.exact import ExactTensor
 from ..quant.packed import PackedTensor
 from ..storage.layer import LayerStore
 from ..storage.mixed import MixedLayerStore
+from ..storage.row_sinks import RowSinkView
 from .reference import Workspace
 
 Part = PackedTensor | ExactTensor
@@ -50,6 +51,7 @@ class AttentionParts:
     segments: tuple[Segment, ...]
     workspace: Workspace
     on_finish: Callable[[torch.Tensor, float], None] | None = field(default=None, repr=False)
+    row_sinks: RowSinkView | None = field(default=None, repr=False)
     _dense: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def finish(self, query: torch.Tensor, scaling: float) -> None:
@@ -94,8 +96,36 @@ class AttentionParts:
                 part = seg.key if index == 0 else seg.value
                 dequantize_into(part.slice_tokens(0, seg.num_tokens), out[:, :, pos : pos + seg.num_tokens])
                 pos += seg.num_tokens
+            if self.row_sinks is not None:
+                self.row_sinks.overlay(out, index)
             self._dense[index] = out
         return self._dense[index]
+
+    def kernel_inputs(
+        self, attention_mask: torch.Tensor | None
+    ) -> tuple[tuple[Segment, ...], torch.Tensor | None]:
+        """Segments and mask for a fused kernel. With row sinks (a left-padded batch), their exact
+        copies join as a last segment, visible where their stored columns were, and the mask hides
+        those columns. Raises ValueError when row sinks come without a mask (padding needs one)."""
+        view = self.row_sinks
+        if view is None:
+            return self.segments, attention_mask
+        if attention_mask is None:
+            raise ValueError("attention_mask: None with left-padded rows; allowed: the padding mask")
+        b, sinks = view.columns.shape
+        mask = attention_mask.expand(b, -1, -1, -1)
+        index = view.columns[:, None, None, :].expand(b, mask.shape[1], mask.shape[2], sinks)
+        valid = view.valid[:, None, None, :].expand_as(index)
+        hidden = (
+            torch.zeros((), dtype=mask.dtype)
+            if mask.dtype == torch.bool
+            else torch.tensor(torch.finfo(mask.dtype).min, dtype=mask.dtype)
+        )
+        extra = torch.where(valid, mask.gather(-1, index), hidden)
+        mask = mask.clone()
+        mask.scatter_(-1, index, torch.where(valid, hidden, mask.gather(-1, index)))
+        segment = Segment(ExactTensor(view.key), ExactTensor(view.value), sinks)
+        return (*self.segments, segment), torch.cat([mask, extra], dim=-1)
 
 
 def snapshot(
@@ -119,7 +149,7 @@ def snapshot(
             window_k, window_v = window_k.clone(), window_v.clone()
         segments.append(_exact(window_k, window_v))
     segments.append(_exact(key, value))
-    return AttentionParts(tuple(segments), workspace)
+    return AttentionParts(tuple(segments), workspace, row_sinks=store.row_sinks.view(store.num_tokens))
 
 
 def _exact(key: torch.Tensor, value: torch.Tensor) -> Segment:

@@ -67,6 +67,10 @@ def materialize(
             pos += page.num_tokens
         packed.restore_(out[:, :, first:pos], 0)  # pre-RoPE / rotation undone (no-op without)
         _put(out, _put(out, pos, window.view()), new)
+    row_sinks = store.row_sinks.view(store.num_tokens)
+    if row_sinks is not None:  # left-padded rows: their first real tokens, exact
+        row_sinks.overlay(out_k, 0)
+        row_sinks.overlay(out_v, 1)
     return out_k, out_v
 
 

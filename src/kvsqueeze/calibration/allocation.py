@@ -32,8 +32,8 @@ def _kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
 def _score(model: Any, ids: torch.Tensor, make_cache: Callable[[], Any], prefill: int) -> torch.Tensor:
     cache = make_cache()
     with torch.inference_mode():
-        model(input_ids=ids[None, :prefill], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        out = model(input_ids=ids[None, prefill:], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[None, :prefill], cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids[None, prefill:], cache=cache, use_cache=True)
     return out.logits[0]
 
 

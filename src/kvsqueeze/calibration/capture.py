@@ -32,7 +32,7 @@ def capture(model: Any, token_ids: torch.Tensor, pre_rope: Rope | None = None) -
     with torch.inference_mode():
         model(
             input_ids=token_ids[None].to(model.device),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )

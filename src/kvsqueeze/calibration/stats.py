@@ -1,19 +1,13 @@
-"""Per-layer / per-channel statistics of keys and values, and the quantization error of a spec on them.
+"""Per-layer / per-channel statistics of keys and values.
 
 `layer_stats` summarizes one layer: absolute maxima, the per-channel absolute maxima of the keys,
 the outlier channels (those whose maximum exceeds ``OUTLIER_RATIO`` times the median channel's)
-and the value range. `relative_error` quantizes a tensor as a cache page would (transform, codes,
-outliers) and returns ``||x - x^|| / ||x - channel mean||``, the number the risk check compares with
-its threshold (a constant per-channel offset adds the same to every score of a query).
+and the value range. The error a config makes on them is the risk check's (`risk.assess`).
 """
 
 from __future__ import annotations
 
 import torch
-
-from ..quant.packed import PackedTensor
-from ..quant.rotation import rotate, rotation_matrix
-from ..quant.spec import QuantSpec
 
 OUTLIER_RATIO = 4.0
 
@@ -32,15 +26,3 @@ def layer_stats(key: torch.Tensor, value: torch.Tensor) -> dict:
         "value_absmax": value.abs().max().item(),
         "value_std": value.std().item(),
     }
-
-
-def relative_error(x: torch.Tensor, spec: QuantSpec, rotated: bool = False, seed: int = 0) -> float:
-    """``||x - dequant(quant(x))|| / ||x||`` for ``x`` (1, kv_heads, tokens, head_dim), tokens cut to a
-    multiple of 128, quantized as one page of ``spec`` (after a rotation when ``rotated``)."""
-    t = x.shape[-2] // 128 * 128
-    x = x[:, :, :t].float()
-    if rotated:
-        x = rotate(x, rotation_matrix(x.shape[-1], seed))
-    back = PackedTensor.from_float(x, spec).dequantize()
-    signal = (x - x.mean(dim=-2, keepdim=True)).norm()  # per-channel offsets do not reach softmax
-    return ((x - back).norm() / signal.clamp_min(1e-12)).item()

@@ -120,7 +120,10 @@ def run_speed(
         None if text_file is None else str(text_file),
         threads=args.threads,
     )
-    config.check_context(getattr(model_config.get_text_config(decoder=True), "max_position_embeddings", None))
+    from ..integrations.context import context_limit
+
+    limit = context_limit(model_config.get_text_config(decoder=True))
+    config.check_context(limit.tokens, limit.source)
     set_threads(config.threads)
     ids = None
     if text_file is not None:

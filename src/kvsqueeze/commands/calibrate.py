@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import console
+from .common import console, model_shape
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -72,11 +72,13 @@ def run(args: argparse.Namespace) -> None:
     bits = tuple(int(b) for b in bits_text.split(",") if b.strip())
     if not bits or any(b not in (2, 3, 4, 8) for b in bits):
         raise ValueError(f"--bits: {bits_text!r} must list widths from (2, 3, 4, 8)")
-    target = args.target_bits if args.target_bits is not None else base.bits_per_element()
     text_file = args.text_file or default_text_file()
     if text_file is None:
         raise ValueError("--text-file: no default text found; pass --text-file PATH")
     model, tokenizer = load_model(args.model)
+    if not args.preset.endswith(".json"):  # a preset name fits the model's head_dim (as SqueezedCache)
+        base = resolve_config(args.preset, head_dim=model_shape(model.config)[2])
+    target = args.target_bits if args.target_bits is not None else base.bits_per_element()
     ids = tokenize_text(tokenizer, load_text(text_file))
     reuse = None
     if args.reuse:

@@ -1,16 +1,75 @@
-"""What the subcommands share: the stderr console and a model's KV shape."""
+"""What the subcommands share: the stderr console, table printing, a model's KV shape, and the
+checks of output paths and input text files that run before any work starts."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 from rich.console import Console
+from rich.table import Table
 
 console = Console(stderr=True)
 out = Console()
 
 
+def print_table(table: Table, width: int = 120) -> None:
+    """Print to stdout; at ``width`` columns when stdout is a file or a pipe (not the 80 of rich)."""
+    (out if out.is_terminal else Console(width=width)).print(table)
+
+
 def model_shape(model_config: object) -> tuple[int, int, int, int]:
-    """(num_layers, num_kv_heads, head_dim, max_tokens) of a transformers config."""
+    """(num_layers, num_kv_heads, head_dim, max_tokens) of a transformers config; max_tokens is the
+    context the model supports, RoPE scaling included (0: no limit)."""
+    from ..integrations.context import context_limit
+
     cfg = model_config.get_text_config(decoder=True)
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return cfg.num_hidden_layers, heads, head_dim, getattr(cfg, "max_position_embeddings", 0)
+    return cfg.num_hidden_layers, heads, head_dim, context_limit(cfg).tokens or 0
+
+
+def check_output_path(flag: str, path: str | Path | None) -> Path | None:
+    """Check, before any work starts, that the output file ``path`` given to ``flag`` can be written:
+    its folder exists (or can be made) and is writable, and the path is not a folder. Returns the
+    path (None passes through). Raises ValueError naming the flag, the value and why."""
+    if path is None:
+        return None
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag}: {str(path)!r} is a directory; allowed: a file path")
+    folder = target.parent
+    try:  # probe by writing (permission bits say nothing for root, nor for /proc or read-only mounts)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".kvsqueeze-probe-"):
+            pass
+        if target.exists() and not os.access(target, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as err:
+        raise ValueError(f"{flag}: {str(path)!r} cannot be written ({err.strerror or err})") from None
+    return target
+
+
+def read_text_file(flag: str, path: str | Path) -> str:
+    """The UTF-8 text of the file given to ``flag``. Raises ValueError naming the flag and the file
+    when it is missing, a directory, unreadable, not UTF-8 (binary or another encoding), or empty."""
+    file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"{flag}: {str(path)!r} is a directory; allowed: a UTF-8 text file")
+    if not file.exists():
+        raise ValueError(f"{flag}: {str(path)!r} does not exist")
+    try:
+        data = file.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{flag}: {str(path)!r} cannot be read ({err.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{flag}: {str(path)!r} is not UTF-8 text (byte {err.start}: {data[err.start : err.start + 1]!r}); "
+            "allowed: a UTF-8 text file (convert it, e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+    if not text.strip():
+        raise ValueError(f"{flag}: {str(path)!r} holds no text (empty or whitespace only)")
+    return text

@@ -132,10 +132,13 @@ def run_quality(args: argparse.Namespace) -> None:
     spec = StreamSpec(args.window, args.windows, args.prefill, args.chunk, args.second_half)
     text, source = _read_text(args)
     model, tokenizer = load_model(args.model)
-    max_tokens = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    if max_tokens and spec.window_tokens > max_tokens:
+    from ..integrations.context import context_limit
+
+    limit = context_limit(model.config.get_text_config(decoder=True))
+    if limit.tokens and spec.window_tokens > limit.tokens:
         raise ValueError(
-            f"window={spec.window_tokens} is not allowed; the model's context is {max_tokens} tokens"
+            f"window={spec.window_tokens} is not allowed; the model's context is {limit.tokens} tokens "
+            f"({limit.source})"
         )
     token_ids = tokenize_text(tokenizer, text)
     spec.windows(token_ids)  # too-short text fails before any forward

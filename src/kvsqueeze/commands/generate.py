@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..config import PRESETS, TOKEN_PRESETS, CacheConfig, preset
-from .common import console, model_shape
+from .common import console
 
 ATTN_PATHS = {"fused": "kvsqueeze", "reference": None}
 
@@ -26,9 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--attn",
         choices=ATTN_PATHS,
-        default="reference",
-        help="read path: fused (attention on the packed codes, attn_implementation='kvsqueeze') "
-        "or reference (dequantize, then SDPA)",
+        help="read path: fused (attention on the packed codes, attn_implementation='kvsqueeze') or "
+        "reference (dequantize, then SDPA); refused when the preset cannot take it. Default: reference, "
+        "or fused for presets that score tokens by attention",
     )
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not apply the chat template")
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
     prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     if not prompt:
         raise ValueError("prompt: empty; give a prompt argument or --prompt-file PATH")
-    attn = "fused" if kv.needs_attention else args.attn  # attention scores are read by the fused path
+    attn = read_path(kv, args.attn, args.kv)
     model, tokenizer = load_model(args.model, attn_implementation=ATTN_PATHS[attn])
     if args.chat and tokenizer.chat_template:
         inputs = tokenizer.apply_chat_template(
@@ -67,12 +67,14 @@ def run(args: argparse.Namespace) -> None:
         )
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
-    *_, max_tokens = model_shape(model.config)
+    from ..integrations.context import context_limit
+
+    limit = context_limit(model.config.get_text_config(decoder=True))
     total = inputs["input_ids"].shape[-1] + args.max_new_tokens
-    if max_tokens and total > max_tokens:
+    if limit.tokens and total > limit.tokens:
         raise ValueError(
             f"prompt: {inputs['input_ids'].shape[-1]} tokens + max_new_tokens {args.max_new_tokens} = {total} "
-            f"exceed the model's context of {max_tokens} tokens"
+            f"exceed the model's context of {limit.tokens} tokens ({limit.source})"
         )
     cache = SqueezedCache.from_model(model, source)
     if kv.tokens is not None:  # modality placeholders of the model's config; the rest is text
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> None:
     with torch.inference_mode():
         model.generate(
             **inputs,
-            past_key_values=cache,
+            cache=cache,
             max_new_tokens=args.max_new_tokens,
             do_sample=args.sample,
             temperature=args.temperature if args.sample else None,
@@ -93,7 +95,31 @@ def run(args: argparse.Namespace) -> None:
             pad_token_id=tokenizer.pad_token_id,
         )
     report = cache.memory_report()
+    ran = "fused" if cache.fused else "reference"  # what the cache's layers really did
     console.print(
-        f"[dim]KV cache ({args.kv}{', fused path' if attn == 'fused' else ''}): {report.total_bytes:,} bytes for {report.num_tokens} tokens "
+        f"[dim]KV cache ({args.kv}, {ran} path): {report.total_bytes:,} bytes for {report.num_tokens} tokens "
         f"({report.bytes_per_token:,.0f} B/token, {report.ratio_to_fp16:.3f} of an fp16 cache)[/dim]"
     )
+
+
+def read_path(kv: CacheConfig, asked: str | None, label: str) -> str:
+    """The read path to run ``kv`` with: ``asked`` (the --attn flag) when given and possible, else its
+    default (reference, or fused for token policies scoring by attention). ValueError naming --attn
+    before anything loads when the path cannot run this preset here."""
+    allowed = kv.read_paths
+    if asked is not None:
+        kv.check_read_path(asked, "--attn", f"--kv {label}")
+    elif not allowed:
+        kv.check_read_path("fused", "--kv", repr(label))  # says why neither path runs it
+    path = asked or allowed[0]
+    if path == "fused":
+        import torch
+
+        from ..attention.fused import fused_backend
+
+        if fused_backend(torch.device("cpu")) is None:
+            raise ValueError(
+                "--attn: 'fused' needs the native CPU kernels, which could not be built here (needs a C++ "
+                f"compiler); allowed: {'reference' if 'reference' in allowed else f'none for --kv {label}'}"
+            )
+    return path

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..config import CacheConfig
+from ..config import PRESETS, CacheConfig
 from ..policies.window import SinkWindowPolicy
 from .memory import cache_nbytes
 from .methods import Method
@@ -73,8 +73,9 @@ class KVShape:
             )
         heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        limit = getattr(cfg, "max_position_embeddings", None) or None
-        return cls(cfg.num_hidden_layers, heads, head_dim, limit)
+        from ..integrations.context import context_limit
+
+        return cls(cfg.num_hidden_layers, heads, head_dim, context_limit(cfg).tokens)
 
 
 def exact_bytes(shape: KVShape, num_tokens: int, batch_size: int, dtype_bytes: int) -> int:
@@ -104,7 +105,8 @@ def predictor(
 ) -> Callable[[int, int], int] | None:
     """``bytes(num_tokens, batch_size)`` of the method's cache, or None when it has no size formula.
 
-    With ``model_config``, a ``best-*`` preset is sized as the bundled calibration it resolves to."""
+    A preset name is sized with its groups fitted to ``shape.head_dim`` (`CacheConfig.for_head_dim`);
+    with ``model_config``, a ``best-*`` preset is sized as the bundled calibration it resolves to."""
     if method.config.get("cache") == "DynamicCache":
         return lambda n, b: exact_bytes(shape, n, b, dtype_bytes)
     if "cache" in method.config:
@@ -116,6 +118,8 @@ def predictor(
         from ..calibration.bundled import bundled_config
 
         config = bundled_config(method.name, model_config) or config
+    if method.name in PRESETS:  # as SqueezedCache fits a preset name to the model
+        config = config.for_head_dim(shape.head_dim)
     return lambda n, b: squeezed_bytes(config, shape, n, b, dtype_bytes)
 
 

@@ -49,7 +49,7 @@ def greedy_decode(
     ``argmax`` can be compared with another run position by position.
     """
     start = time.perf_counter()
-    out = model(input_ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids, cache=cache, use_cache=True)
     prefill = time.perf_counter() - start
     argmax, fed = [], []
     start = time.perf_counter()
@@ -59,7 +59,7 @@ def greedy_decode(
         token = step_argmax if forced is None else forced[i]
         fed.append(token)
         if i + 1 < max_new_tokens:
-            out = model(token.view(1, 1), past_key_values=cache, use_cache=True)
+            out = model(token.view(1, 1), cache=cache, use_cache=True)
     decode = time.perf_counter() - start
     return DecodeResult(torch.stack(argmax), torch.stack(fed), prefill, decode)
 

@@ -5,7 +5,9 @@ Names:
 * a kvsqueeze preset (``int8``, ``k4v4``, ...) or a path to a JSON `CacheConfig` (``my.json``);
   with ``@fused`` (``k4v4@fused``) its fused read path: the model's attention is switched to
   ``attn_implementation="kvsqueeze"`` (which runs plain SDPA for every other cache, so methods
-  compared on the same model are unaffected); without it, the reference read path;
+  compared on the same model are unaffected); without it, the reference read path (token policies
+  that score by attention always take the fused one); ``@fused`` on a config the native kernels
+  cannot read (codebook/outlier formats, rotations, pre-RoPE keys: ``best-*``) is refused;
 * ``quanto-int4``, ``quanto-int2``, ``hqq-int4``, ``hqq-int2``, ... — transformers' `QuantizedCache`
   (group 64, residual 128, its defaults otherwise); needs the optional backend package.
 """
@@ -73,6 +75,8 @@ def _fused(name: str) -> Method:
     if base.config.get("cache") in ("DynamicCache", "QuantizedCache"):
         raise ValueError(f"method: {name!r}: {FUSED_SUFFIX} applies to kvsqueeze presets and configs only")
     config = CacheConfig.from_dict(base.config)
+    label = f"{name!r} (the reference path: {name.removesuffix(FUSED_SUFFIX)!r})"
+    config.check_read_path("fused", "method", label)  # an explicit @fused is obeyed or refused
     cfg = {**base.config, "attn_implementation": "kvsqueeze"}
     source = (
         base.name if base.name in PRESETS or base.name in TOKEN_PRESETS else config

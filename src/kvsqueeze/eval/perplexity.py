@@ -11,8 +11,8 @@ reference and the tested cache side by side, chunk by chunk, over the same token
 KL(reference || tested) and top-1 agreement are computed from the two logit chunks, which are then
 dropped, so no ``(num_tokens, vocab_size)`` tensor is ever kept.
 
-The model is any transformers causal LM (``model(input_ids=..., past_key_values=..., use_cache=...,
-attention_mask=None, logits_to_keep=...)`` returning ``.logits`` and ``.past_key_values``); this module
+The model is any transformers causal LM (``model(input_ids=..., cache=..., use_cache=...,
+attention_mask=None, logits_to_keep=...)`` returning ``.logits`` and ``.cache``); this module
 imports nothing from transformers at run time.
 """
 
@@ -213,12 +213,12 @@ def _window_logits(
         num_rows = max(0, min(end, window_tokens - 1) - first_row)
         output = model(
             input_ids=window[None, start:end],
-            past_key_values=cache,
+            cache=cache,
             use_cache=use_cache,
             attention_mask=None,
             logits_to_keep=max(end - first_row, 1),  # the last position of the window has no target
         )
-        cache = output.past_key_values if use_cache else None
+        cache = output.cache if use_cache else None
         yield window[first_row + 1 : first_row + 1 + num_rows], output.logits[0, :num_rows]
 
 

@@ -229,7 +229,7 @@ def answer_ids(
     with torch.inference_mode():
         for start in range(0, last, spec.chunk_tokens):
             chunk = input_ids[:, start : start + spec.chunk_tokens]
-            model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=chunk, cache=cache, use_cache=True, logits_to_keep=1)
     tokens = greedy_decode(model, input_ids[:, last:], cache, spec.new_tokens).argmax.tolist()
     ends = [i for i, token in enumerate(tokens) if token in eos_ids]
     return tokens[: ends[0]] if ends else tokens
@@ -270,12 +270,14 @@ def evaluate_retrieval(
         ``num_trials``, ``num_correct``, ``accuracy``, ``mean_key_depth`` (measured key position / length),
         ``seconds`` and ``trials`` (``seed``, ``key``, ``answer``, ``correct``, ``key_position``).
     """
-    max_tokens = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    from ..integrations.context import context_limit
+
+    limit = context_limit(model.config.get_text_config(decoder=True))
     longest = max(spec.lengths) + spec.new_tokens
-    if max_tokens and longest > max_tokens:
+    if limit.tokens and longest > limit.tokens:
         raise ValueError(
             f"lengths={list(spec.lengths)} is not allowed; length + new_tokens ({longest}) exceeds the "
-            f"model's context of {max_tokens} tokens"
+            f"model's context of {limit.tokens} tokens ({limit.source})"
         )
     eos = tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}

@@ -66,14 +66,14 @@ class BenchConfig:
                 f"--threads: {self.threads!r} must be an integer >= 1 (omit it for torch's default)"
             )
 
-    def check_context(self, max_tokens: int | None) -> None:
-        """Raise if a context plus the generated tokens exceeds the model's ``max_tokens``."""
+    def check_context(self, max_tokens: int | None, source: str = "max_position_embeddings") -> None:
+        """Raise if a context plus the generated tokens exceeds the model's ``max_tokens`` (from ``source``)."""
         for context in self.contexts:
             held = context + self.new_tokens - 1
             if max_tokens and held > max_tokens:
                 raise ValueError(
                     f"--contexts: {context} + --new-tokens {self.new_tokens} - 1 = {held} tokens exceed the "
-                    f"model's max_position_embeddings {max_tokens}; allowed contexts: <= "
+                    f"model's context of {max_tokens} ({source}); allowed contexts: <= "
                     f"{max_tokens - self.new_tokens + 1}"
                 )
 
@@ -137,12 +137,12 @@ def time_run(model: Any, cache: Any, prompt: torch.Tensor, new_tokens: int) -> R
     """Prefill ``prompt`` (batch, context) into ``cache``, then ``new_tokens - 1`` greedy steps."""
     with RssPeak() as peak:
         start = time.perf_counter()
-        out = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(prompt, cache=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         ttft = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, cache=cache, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         decode = time.perf_counter() - start
     kv_bytes, source = cache_nbytes(cache)

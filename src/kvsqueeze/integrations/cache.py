@@ -24,7 +24,9 @@ from ..attention.reference import Workspace, materialize
 from ..config import CacheConfig, resolve_config
 from ..storage.layer import LayerStore
 from ..storage.mixed import MixedLayerStore
+from ..storage.row_sinks import first_real_columns
 from ..storage.transform import PageTransform, layer_transforms
+from .context import ContextLimit, context_limit
 from .memory import MemoryReport, layer_nbytes
 from .rope import rope_for
 
@@ -33,19 +35,24 @@ FUSED_ATTENTION = "kvsqueeze"
 EXACT_LAYER_TYPES = ("sliding_attention", "chunked_attention", "dummy")
 
 
-def check_context(total: int, max_tokens: int | None) -> None:
-    """Raise ValueError when ``total`` tokens exceed the model's context ``max_tokens`` (None: no limit)."""
-    if max_tokens is not None and total > max_tokens:
-        raise ValueError(
-            f"sequence length: {total} tokens exceed the model's context of {max_tokens} "
-            f"(max_position_embeddings); shorten the prompt or the number of new tokens"
-        )
-
-
-CROP_ERROR = (
-    "crop: SqueezedCache cannot roll back tokens (assisted/speculative decoding), "
-    "not even with preset 'none'; use transformers' DynamicCache for that feature"
+ROLLBACK_ERROR = (
+    "assisted/speculative decoding: a token-policy cache (CacheConfig.tokens: importance-placed or "
+    "evicted tokens) cannot roll back rejected tokens; use a preset without a token policy "
+    "(e.g. k4v4, int8, best-3bit) or transformers' DynamicCache"
 )
+
+
+LEFT_PADDING_ERROR = (
+    "attention_mask: a left-padded batch with a token-policy cache (CacheConfig.tokens) is not supported "
+    "(its classes would place padding as tokens); run the rows one by one, or use a preset without a "
+    "token policy (its sinks are each row's first real tokens)"
+)
+
+
+def _left_padded(position_ids: torch.Tensor | None, seen: int) -> bool:
+    """Whether some row of ``position_ids`` (batch, n) starts after the first column (left padding)."""
+    found = first_real_columns(position_ids)
+    return found is not None and bool((found[0] & (found[1] + seen > 0)).any())
 
 
 class SqueezedLayer(CacheLayerMixin):
@@ -61,23 +68,25 @@ class SqueezedLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False
 
     def __init__(
         self,
         config: CacheConfig,
         workspace: Workspace,
-        max_tokens: int | None = None,
+        context: ContextLimit | None = None,
         fused: bool = False,
         transforms: tuple[PageTransform | None, PageTransform | None] = (None, None),
+        name: str = "layer",
     ) -> None:
         super().__init__()
         self.config = config
         self.workspace = workspace
-        self.max_tokens = max_tokens
+        self.context = context or ContextLimit(None, "no limit given")
         self.fused = fused
         # token policies and transforms do not combine (CacheConfig rejects it)
-        self.store = LayerStore(config, *transforms) if config.tokens is None else MixedLayerStore(config)
+        self.store = (
+            LayerStore(config, *transforms, name=name) if config.tokens is None else MixedLayerStore(config)
+        )
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -89,9 +98,14 @@ class SqueezedLayer(CacheLayerMixin):
         """Attend-to keys and values (batch, kv_heads, held + n, head_dim) for new states (…, n, …)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        check_context(self.get_seq_length() + key_states.shape[-2], self.max_tokens)
+        self.context.check(self.get_seq_length() + key_states.shape[-2])
+        position_ids = (kwargs.get("kwargs") or kwargs).get("position_ids")
         if isinstance(self.store, MixedLayerStore):
+            if _left_padded(position_ids, self.get_seq_length()):
+                raise ValueError(LEFT_PADDING_ERROR)
             return self._update_mixed(key_states, value_states)
+        self.store.row_sinks.observe(position_ids, self.store.num_tokens)
+        self.store.settle()  # tokens of the last step are accepted (no crop came): place them first
         if self.fused:
             parts = snapshot(self.store, key_states, value_states, self.workspace)
             self.store.append(key_states, value_states)
@@ -143,10 +157,37 @@ class SqueezedLayer(CacheLayerMixin):
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.store.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
+    @property
+    def is_croppable(self) -> bool:
+        """True: `crop` rolls back exactly (after `activate_past_recording`); token policies cannot."""
+        return not isinstance(self.store, MixedLayerStore)
+
+    def activate_past_recording(self) -> None:
+        """Keep new tokens exact and pending until the next step or `crop` accepts them, so that
+        rejected draft tokens never reach a packed block (transformers calls this before assisted
+        decoding). Raises ValueError for token-policy layers, which cannot roll back."""
+        if isinstance(self.store, MixedLayerStore):
+            raise ValueError(ROLLBACK_ERROR)
+        self.store.record_past = True
+
+    def check_crop(self, tokens_to_remove: int) -> None:
+        """Raise ValueError when ``crop(tokens_to_remove)`` cannot roll back exactly (nothing changes)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop: {tokens_to_remove}; allowed: a negative number of newest tokens to remove, or 0"
+            )
+        if tokens_to_remove and isinstance(self.store, MixedLayerStore):
+            raise ValueError(ROLLBACK_ERROR)
+        if isinstance(self.store, LayerStore):
+            self.store.check_crop(-tokens_to_remove)
+
     def crop(self, tokens_to_remove: int) -> None:
-        """Only ``crop(0)`` (a no-op here): packed tokens cannot be rolled back."""
-        if tokens_to_remove != 0:
-            raise NotImplementedError(CROP_ERROR)
+        """Remove the ``-tokens_to_remove`` newest tokens (transformers' convention: a negative count),
+        leaving the state of a cache that never saw them; ``crop(0)`` accepts the pending tokens.
+        Raises ValueError when the tokens cannot be rolled back exactly (see `LayerStore.crop`)."""
+        self.check_crop(tokens_to_remove)
+        if isinstance(self.store, LayerStore):
+            self.store.crop(-tokens_to_remove)
 
     def offload(self) -> None:
         raise NotImplementedError("offload: SqueezedCache does not offload layers yet")
@@ -158,7 +199,7 @@ class SqueezedCache(Cache):
     """A transformers `Cache` that keeps K/V packed in 2–8 bits (see `CacheConfig`).
 
     Build it for a model with `SqueezedCache.from_model(model, "k4v2")` and pass it as
-    ``past_key_values`` to ``model.generate`` or ``model(...)``.
+    ``cache`` to ``model.generate`` or ``model(...)``.
 
     ``fused`` selects the read path of the layers: the fused path (packed history read in place by
     ``attn_implementation="kvsqueeze"``) or the reference path. None (default) follows the model:
@@ -179,12 +220,19 @@ class SqueezedCache(Cache):
         model_config: Any,
         fused: bool | None = None,
     ) -> None:
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"fused: {fused!r}; allowed: None (follow the model), True or False")
         if isinstance(config, str):  # best-* presets: the bundled calibration when it fits this model
             from ..calibration.bundled import bundled_config
 
             config = bundled_config(config, model_config) or config
-        self.cache_config = resolve_config(config)
         text_config = model_config.get_text_config(decoder=True)
+        num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        head_dim = (
+            getattr(text_config, "head_dim", None)
+            or text_config.hidden_size // text_config.num_attention_heads
+        )
+        self.cache_config = resolve_config(config, head_dim=head_dim)  # preset names fit head_dim
         asked = fused
         if fused is None:
             fused = getattr(text_config, "_attn_implementation", None) == FUSED_ATTENTION
@@ -197,11 +245,6 @@ class SqueezedCache(Cache):
                 )
             fused = False
         self.fused = fused
-        num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-        head_dim = (
-            getattr(text_config, "head_dim", None)
-            or text_config.hidden_size // text_config.num_attention_heads
-        )
         self.cache_config.check_model(num_kv_heads, head_dim, text_config.num_hidden_layers)
         model_fused = getattr(text_config, "_attn_implementation", None) == FUSED_ATTENTION
         if self.cache_config.needs_attention and not (fused and model_fused):
@@ -217,14 +260,18 @@ class SqueezedCache(Cache):
                 warnings.warn(f"pre_rope_keys: falling back to post-RoPE keys: {why}", stacklevel=2)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.workspace = Workspace()
-        self.max_tokens = max_tokens = getattr(text_config, "max_position_embeddings", None)
+        self.context = context_limit(text_config)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         layers: list[CacheLayerMixin] = []
         for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
             if layer_type == FULL_ATTENTION:
                 layer_config = self.cache_config.for_layer(index)
                 transforms = layer_transforms(layer_config, head_dim, self.rope)
-                layers.append(SqueezedLayer(layer_config, self.workspace, max_tokens, fused, transforms))
+                layers.append(
+                    SqueezedLayer(
+                        layer_config, self.workspace, self.context, fused, transforms, f"layer {index}"
+                    )
+                )
             elif layer_type in EXACT_LAYER_TYPES:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
             else:
@@ -233,25 +280,81 @@ class SqueezedCache(Cache):
                     f"allowed: {[FULL_ATTENTION, *EXACT_LAYER_TYPES]}"
                 )
         super().__init__(layers=layers)
+        self._first_squeezed = next((i for i, x in enumerate(layers) if isinstance(x, SqueezedLayer)), -1)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Check the model's context before any layer stores the new tokens, then update ``layer_idx``.
+        """Check the call, then update ``layer_idx`` with ``key_states``, ``value_states`` (batch,
+        kv_heads, n, head_dim).
 
-        Checking here (not only in `SqueezedLayer`) keeps every layer's length unchanged when the
-        check fails, exact sliding-window layers of hybrid models included.
+        Raises ValueError (nothing stored) for: ``layer_idx`` outside the model's layers; keys or
+        values whose shape is not the model's (kv_heads, head_dim) or whose batch differs from the
+        held tokens' (use `reset`, `batch_select_indices` or `reorder_cache`); position ids that
+        start before the held tokens end (a cache reused for a new prompt without `reset`); more
+        tokens than the model's context; non-finite keys or values for a quantizing layer (NaN or
+        inf would spread to every token of its quantization group: the model produced them, e.g.
+        an fp16 overflow). Checking here keeps every layer's length unchanged when a check fails,
+        exact sliding-window layers of hybrid models included.
         """
+        if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
+            raise ValueError(
+                f"layer_idx: {layer_idx!r}; allowed: 0 to {len(self.layers) - 1} (the model's layers)"
+            )
         layer = self.layers[layer_idx]
+        if key_states is not None and isinstance(layer, SqueezedLayer):
+            self._check_states(layer, layer_idx, key_states, value_states, kwargs)
         if key_states is not None and hasattr(layer, "get_seq_length"):
-            check_context(layer.get_seq_length() + key_states.shape[-2], self.max_tokens)
+            self.context.check(layer.get_seq_length() + key_states.shape[-2])
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def _check_states(
+        self, layer: SqueezedLayer, index: int, key: torch.Tensor, value: torch.Tensor, kwargs: dict
+    ) -> None:
+        expected = (self.num_kv_heads, self.head_dim)
+        for name, x in (("key_states", key), ("value_states", value)):
+            if x.dim() != 4 or (x.shape[1], x.shape[3]) != expected:
+                raise ValueError(
+                    f"update: {name} of shape {tuple(x.shape)} for layer {index}; allowed: (batch, "
+                    f"{expected[0]}, tokens, {expected[1]}) — this cache was built for a model with "
+                    f"{expected[0]} KV heads of head_dim {expected[1]}; build one per model"
+                )
+        if value.shape[:3] != key.shape[:3]:
+            raise ValueError(
+                f"update: value_states {tuple(value.shape)} do not match key_states {tuple(key.shape)}"
+            )
+        held_batch = layer.store.batch_size if layer.get_seq_length() else 0
+        if held_batch and key.shape[0] != held_batch:
+            raise ValueError(
+                f"update: batch size {key.shape[0]} for layer {index}, which holds {held_batch} sequences; "
+                "allowed: the same batch (call cache.reset() for new sequences, or batch_select_indices / "
+                "reorder_cache to change the batch)"
+            )
+        seen = layer.get_seq_length()
+        position_ids = (kwargs.get("kwargs") or kwargs).get("position_ids")
+        if seen and index == self._first_squeezed and position_ids is not None and position_ids.dim() == 2:
+            start = int(position_ids[:, 0].max())
+            if start < seen:
+                raise ValueError(
+                    f"position_ids: the new tokens start at position {start}, but this cache already holds "
+                    f"{seen} tokens; call cache.reset() before reusing it for another prompt"
+                )
+        if not layer.config.is_exact and not bool(torch.isfinite(key).all() and torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(key)).sum() + (~torch.isfinite(value)).sum())
+            raise ValueError(
+                f"update: {bad} non-finite (NaN/inf) values in the new keys/values of layer {index}; "
+                "allowed: finite values — quantizing them would spread NaN to every token of their group. "
+                "The model produced them (e.g. an fp16 overflow: load it in bfloat16 or float32), or use "
+                "preset 'none'"
+            )
+
     def crop(self, tokens_to_remove: int) -> None:
-        """``crop(0)`` shrinks the exact sliding layers back to their window (as transformers does);
-        any real rollback raises NotImplementedError before touching any layer."""
-        if tokens_to_remove != 0 and any(isinstance(layer, SqueezedLayer) for layer in self.layers):
-            raise NotImplementedError(CROP_ERROR)
+        """Remove the ``-tokens_to_remove`` newest tokens of every layer (assisted decoding), exactly:
+        the cache is then as if it had never seen them. Checked for every layer before any changes,
+        so a refusal (ValueError) leaves the cache whole."""
+        for layer in self.layers:
+            if isinstance(layer, SqueezedLayer):
+                layer.check_crop(tokens_to_remove)
         super().crop(tokens_to_remove)
 
     @classmethod
@@ -263,6 +366,11 @@ class SqueezedCache(Cache):
         With a model whose attention implementation is ``"kvsqueeze"`` (and ``fused`` None or True)
         the layers take the fused path; the attention is registered first if it is not yet.
         """
+        if getattr(model, "config", None) is None or not hasattr(model.config, "get_text_config"):
+            raise ValueError(
+                f"model: {type(model).__name__} is not a transformers model (no .config); allowed: a "
+                "PreTrainedModel, e.g. from kvsqueeze.load_model or AutoModelForCausalLM.from_pretrained"
+            )
         cache = cls(config, model.config, fused)
         cache.warn_if_unsafe(model)
         if cache.fused:
@@ -286,25 +394,29 @@ class SqueezedCache(Cache):
                 layer.store.roles = roles.to(torch.int8)
 
     def warn_if_unsafe(self, model: Any) -> list[str]:
-        """Warn (and return the reasons) when the config is predicted to turn this model's keys or
-        values into noise (`calibration.risk`, from the weights; ``kvsqueeze inspect`` measures it)."""
-        from ..calibration.risk import check_config, profiles_from_weights
+        """Warn (and return the reasons) when the config is predicted to turn this model's attention
+        into noise, or its keys/values overflow the float16 scales and zero points (`calibration.risk`,
+        from the weights; ``kvsqueeze inspect`` measures the same error on text beside the decode KL)."""
+        from ..calibration.risk import model_risk
+        from ..quant.overflow import MetadataOverflowWarning
 
         if self.cache_config.is_exact:
             return []
-        profiles = profiles_from_weights(model)
-        inv_freq = None
-        if not self.cache_config.pre_rope_keys or self.rope is None:
-            rope, _ = rope_for(model.config.get_text_config(decoder=True), self.head_dim)
-            inv_freq = None if rope is None else rope.inv_freq
-        problems = check_config(profiles, self.cache_config, inv_freq)
-        if problems:
-            shown = "; ".join(problems[:3]) + (f"; ... {len(problems) - 3} more" if len(problems) > 3 else "")
+        rope, _ = rope_for(model.config.get_text_config(decoder=True), self.head_dim)
+        risk = model_risk(model, self.cache_config, rope)
+        if risk is None:  # not a layout the risk check reads
+            return []
+        problems = risk.problems()
+        if risk.unsafe:
             warnings.warn(
-                f"this cache config is predicted UNSAFE for this model ({shown}); run `kvsqueeze inspect "
-                "--model ...` and pick its predicted safe configuration",
+                f"this cache config is predicted UNSAFE for this model ({problems[0]}); run `kvsqueeze "
+                "inspect --model ...` and pick its recommended configuration",
                 stacklevel=3,
             )
+        overflow = [p for p in problems if "overflow" in p]
+        if overflow:
+            more = f"; ... {len(overflow) - 2} more" if len(overflow) > 2 else ""
+            warnings.warn("; ".join(overflow[:2]) + more, MetadataOverflowWarning, stacklevel=3)
         return problems
 
     def nbytes(self) -> int:

@@ -35,13 +35,16 @@ def fused_attention(
     attention_mask: torch.Tensor | None,
     scaling: float,
     causal: bool,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` (batch, q_heads, q_len, head_dim) over the keys and values of
     ``segments`` in order, each (batch, kv_heads, >= num_tokens, head_dim), read in place.
 
     ``attention_mask``: None or (batch | 1, q_heads | 1, q_len, total_tokens), bool (True: attend)
     or additive float. ``causal`` applies when the mask is None: query i sees tokens up to
-    ``total_tokens - q_len + i``. Returns (batch, q_len, q_heads, head_dim) in the query's dtype.
+    ``total_tokens - q_len + i``. ``sinks``: None or (batch, q_heads, q_len) sink logits, one extra
+    logit per query row in the softmax denominator whose value is zero (GPT-OSS ``s_aux``).
+    Returns (batch, q_len, q_heads, head_dim) in the query's dtype.
     """
     ext = cpu_extension()
     if ext is None:
@@ -64,9 +67,15 @@ def fused_attention(
             )
         if attention_mask.dtype != torch.bool:
             attention_mask = attention_mask.float()
+    if sinks is not None:
+        if sinks.shape != query.shape[:3]:
+            raise ValueError(
+                f"sinks: shape {tuple(sinks.shape)}; allowed: (batch, q_heads, q_len) = {tuple(query.shape[:3])}"
+            )
+        sinks = sinks.float().contiguous()
     tokens = [s.num_tokens for s in segments]
     return ext.fused_attention(
-        query, tensors, meta, tokens, attention_mask, float(scaling), causal, fp8_tables()
+        query, tensors, meta, tokens, attention_mask, float(scaling), causal, fp8_tables(), sinks
     )
 
 

@@ -38,10 +38,11 @@ def _kernel_reads(part: PackedTensor | ExactTensor, is_key: bool) -> bool:
     return part.spec.axis is (Axis.CHANNEL if is_key else Axis.TOKEN)
 
 
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Merge (output (B, Hq, Lq, D), lse (B, Hq, Lq)) pairs by log-sum-exp."""
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch.Tensor | None) -> torch.Tensor:
+    """Merge (output (B, Hq, Lq, D), lse (B, Hq, Lq)) pairs by log-sum-exp; ``sinks`` (B, Hq, Lq)
+    join the denominator as parts whose output is zero."""
     lse = torch.stack([p[1] for p in parts])
-    total = torch.logsumexp(lse, dim=0)
+    total = torch.logsumexp(lse if sinks is None else torch.cat([lse, sinks.float()[None]]), dim=0)
     weights = torch.exp(lse - total).nan_to_num(0.0)  # a row no part sees gives 0
     return sum(w.unsqueeze(-1) * p[0] for w, p in zip(weights, parts, strict=True))
 
@@ -69,9 +70,11 @@ def fused_attention(
     attention_mask: torch.Tensor | None,
     scaling: float,
     causal: bool,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of ``query`` (batch, q_heads, q_len, head_dim) over ``segments`` (see
-    `kernels.cpu.fused_attention`); returns (batch, q_len, q_heads, head_dim)."""
+    """Attention of ``query`` (batch, q_heads, q_len, head_dim) over ``segments``, with optional
+    ``sinks`` (batch, q_heads, q_len) (see `kernels.cpu.fused_attention`); returns (batch, q_len,
+    q_heads, head_dim)."""
     b, hq, lq, d = query.shape
     total = sum(s.num_tokens for s in segments)
     if attention_mask is None:
@@ -95,4 +98,4 @@ def fused_attention(
             k, v = (p.slice_tokens(0, n).dequantize(dtype=torch.float32) for p in (seg.key, seg.value))
             parts.append(_torch_part(query, k, v, seg_bias, scaling))
         pos += n
-    return _merge(parts).to(query.dtype).transpose(1, 2).contiguous()
+    return _merge(parts, sinks).to(query.dtype).transpose(1, 2).contiguous()

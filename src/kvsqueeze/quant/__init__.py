@@ -1,5 +1,6 @@
 """Quantization scheme: pure torch, no transformers."""
 
+from .overflow import MetadataOverflowWarning, metadata_overflows, safe_magnitude
 from .packed import PackedTensor
 from .packing import pack, unpack
 from .primitives import choose_qparams, dequantize, quantize
@@ -8,11 +9,14 @@ from .spec import Axis, Format, QuantSpec
 __all__ = [
     "Axis",
     "Format",
+    "MetadataOverflowWarning",
     "PackedTensor",
     "QuantSpec",
     "choose_qparams",
     "dequantize",
+    "metadata_overflows",
     "pack",
     "quantize",
+    "safe_magnitude",
     "unpack",
 ]

@@ -8,7 +8,8 @@ by the group median in the dense tensor, and stored exactly in a side store:
 
 * ``index``: int16 (batch, kv_heads, tokens / outlier_tokens, count), the flat position
   ``token_in_block * head_dim + channel`` inside the block;
-* ``value``: float16 (same shape), the original entries.
+* ``value``: ``spec.outlier_value_dtype`` (float16, float32 with float32 metadata; same shape),
+  the original entries.
 
 After the dense part is dequantized, `restore_` writes the exact entries back.
 """
@@ -22,8 +23,7 @@ import torch
 from .primitives import grouped
 from .spec import QuantSpec
 
-INDEX_DTYPE, VALUE_DTYPE = torch.int16, torch.float16
-OUTLIER_BYTES = 4  # one int16 index and one float16 value per kept entry
+INDEX_DTYPE = torch.int16
 
 
 def outlier_count(fraction: float, outlier_tokens: int, head_dim: int) -> int:
@@ -34,7 +34,8 @@ def outlier_count(fraction: float, outlier_tokens: int, head_dim: int) -> int:
 def split_outliers(
     x: torch.Tensor, spec: QuantSpec, count: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dense, index, value) for ``x`` (batch, kv_heads, tokens, head_dim), float32.
+    """(dense, index, value) for ``x`` (batch, kv_heads, tokens, head_dim), float32; ``value`` is
+    float32 too (the caller stores it in ``spec.outlier_value_dtype``, see `PackedTensor`).
 
     Entries are scored within the quantization groups of ``spec`` (`primitives.grouped`);
     ``dense`` is a copy of ``x`` with the ``count`` top-scored entries of every block replaced by
@@ -52,7 +53,7 @@ def split_outliers(
     dense = x.reshape(b, h, blocks, -1).clone()
     value = dense.gather(-1, index)
     dense.scatter_(-1, index, fill.reshape(b, h, blocks, -1).gather(-1, index))
-    return dense.reshape(b, h, t, d), index.to(INDEX_DTYPE), value.to(VALUE_DTYPE)
+    return dense.reshape(b, h, t, d), index.to(INDEX_DTYPE), value
 
 
 def restore_(

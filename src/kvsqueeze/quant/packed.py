@@ -6,8 +6,12 @@ Shapes, for ``tokens`` tokens of a (batch, kv_heads, tokens, head_dim) tensor:
 * ``scale`` and ``zero``: ``spec.scale_dtype``, (batch, kv_heads, tokens, head_dim / group_size)
   per-token or (batch, kv_heads, tokens / group_size, head_dim) per-channel; ``zero`` is None
   for symmetric and FP8 specs;
-* ``outlier_index`` (int16) and ``outlier_value`` (float16): (batch, kv_heads, tokens /
-  outlier_tokens, count), the dense-and-sparse side store (`outliers`), None without outliers.
+* ``outlier_index`` (int16) and ``outlier_value`` (``spec.outlier_value_dtype``): (batch, kv_heads,
+  tokens / outlier_tokens, count), the dense-and-sparse side store (`outliers`), None without
+  outliers.
+
+Scales, zero points and outlier values are always finite for finite input: `from_float` widens
+the metadata to float32 when the spec's dtype cannot hold them (`overflow`).
 
 A fused attention path reads these three tensors directly; the reference path calls
 `dequantize`.
@@ -16,11 +20,12 @@ A fused attention path reads these three tensors directly; the reference path ca
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .outliers import INDEX_DTYPE, VALUE_DTYPE, restore_, split_outliers
+from .outliers import INDEX_DTYPE, restore_, split_outliers
+from .overflow import WIDE_SCALE_DTYPE, metadata_finite, widened
 from .packing import pack, packed_size, unpack
 from .primitives import FP8_DTYPES, apply_qparams_, choose_qparams, decode_codes, quantize
 from .spec import Axis, QuantSpec
@@ -57,19 +62,58 @@ class PackedTensor:
         side = (batch_size, num_heads, num_tokens // spec.outlier_tokens, spec.outlier_count(head_dim))
         index = torch.empty(side, dtype=INDEX_DTYPE, device=device)
         return PackedTensor(
-            codes, scale, zero, spec, index, torch.empty(side, dtype=VALUE_DTYPE, device=device)
+            codes, scale, zero, spec, index, torch.empty(side, dtype=spec.outlier_value_dtype, device=device)
         )
 
     @staticmethod
     def from_float(x: torch.Tensor, spec: QuantSpec) -> PackedTensor:
         """Quantize and pack ``x`` (B, H, T, D); T must be a whole number of per-channel groups
-        (and of outlier blocks when the spec keeps outliers)."""
+        (and of outlier blocks when the spec keeps outliers).
+
+        When a scale, zero point or outlier value of ``x`` does not fit ``spec.scale_dtype`` (K/V
+        beyond ±65504 with float16 metadata), ``x`` is quantized with float32 metadata instead:
+        the result's ``spec`` is then ``overflow.widened(spec)`` (callers that keep pages, like
+        `PagedStore`, compare it with theirs)."""
+        packed = PackedTensor._encode(x, spec)
+        if packed.metadata_finite or spec.scale_dtype == WIDE_SCALE_DTYPE:
+            return packed
+        return PackedTensor._encode(x, widened(spec))
+
+    @staticmethod
+    def _encode(x: torch.Tensor, spec: QuantSpec) -> PackedTensor:
         index = value = None
         if spec.has_outliers:
             x, index, value = split_outliers(x.float(), spec, spec.outlier_count(x.shape[-1]))
+            value = value.to(spec.outlier_value_dtype)
         scale, zero = choose_qparams(x, spec)
         codes = pack(quantize(x, scale, zero, spec), spec.bits)
         return PackedTensor(codes, scale, zero, spec, index, value)
+
+    @property
+    def metadata_finite(self) -> bool:
+        """Whether every scale, zero point and outlier value is finite."""
+        return metadata_finite(self.scale, self.zero, self.outlier_value)
+
+    def with_metadata_of(self, spec: QuantSpec) -> PackedTensor:
+        """A copy with the metadata (scales, zero points, outlier values) in the dtypes of ``spec``,
+        which differs from this spec at most in ``scale_dtype``; the codes are shared. Exact when
+        the new dtypes are wider (float16 / bfloat16 to float32)."""
+        assert replace(spec, scale_dtype=self.spec.scale_dtype) == self.spec, (
+            "only the metadata dtype may change"
+        )
+
+        def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+            return None if t is None else t.to(dtype)
+
+        meta = spec.torch_scale_dtype
+        return PackedTensor(
+            self.codes,
+            self.scale.to(meta),
+            cast(self.zero, meta),
+            spec,
+            self.outlier_index,
+            cast(self.outlier_value, spec.outlier_value_dtype),
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -103,6 +147,7 @@ class PackedTensor:
     def copy_(self, other: PackedTensor) -> None:
         """Copy ``other`` (same spec and shape) into this storage."""
         for dst, src in zip(self.tensors(), other.tensors(), strict=True):
+            assert dst.dtype == src.dtype, "copy_: metadata dtypes differ (widen the pages first)"
             dst.copy_(src)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedTensor:

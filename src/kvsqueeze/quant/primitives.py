@@ -81,7 +81,10 @@ def codebook_levels(spec: QuantSpec, device: torch.device) -> torch.Tensor:
 
 
 def _round_directed(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
-    """``x`` (float32) converted to ``dtype``, rounded toward +inf (``up``) or -inf."""
+    """``x`` (float32) converted to ``dtype``, rounded toward +inf (``up``) or -inf.
+
+    Values beyond the dtype's finite range become ±inf, never its largest finite value (which
+    rounding 1e6 down would give): metadata out of range must show, see `overflow`."""
     y = x.to(dtype)
     if y.element_size() != 2:  # float32: nothing was rounded
         return y
@@ -90,7 +93,9 @@ def _round_directed(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tens
     # One step along the float line: +1 on the bit pattern grows |y|, -1 shrinks it; the sign
     # bit (negative int16) tells which of the two moves toward +inf.
     step = torch.where(bits >= 0, 1, -1).to(torch.int16)
-    return torch.where(wrong, bits + (step if up else -step), bits).view(dtype)
+    y = torch.where(wrong, bits + (step if up else -step), bits).view(dtype)
+    beyond = x.abs() > torch.finfo(dtype).max
+    return torch.where(beyond, x.sign().to(dtype) * float("inf"), y)
 
 
 def quantize(
@@ -134,11 +139,19 @@ def apply_qparams_(
     codes_as_float: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec
 ) -> torch.Tensor:
     """In place: turn decoded codes (B, H, T, D) in a float tensor into dequantized values (for
-    codebook specs the codes must already be replaced by their levels, see `decode_codes`)."""
+    codebook specs the codes must already be replaced by their levels, see `decode_codes`).
+
+    Symmetric integer codes into a 16-bit tensor are computed as ``(code - mid) * scale``: the
+    offset ``-mid * scale`` alone can overflow float16 (2-bit codes of a group reaching 32768)
+    while every value fits. The result is the same bits as ``code * scale + offset`` (an exact
+    sum in float32, rounded once) whenever that one is finite."""
     g = grouped(codes_as_float, spec)
     s = scale.to(codes_as_float.dtype).unsqueeze(-1)
     if spec.is_fp8 or (spec.is_codebook and spec.symmetric):
         g.mul_(s)
+        return codes_as_float
+    if spec.symmetric and not spec.is_codebook and codes_as_float.element_size() < 4:
+        g.sub_(2 ** (spec.bits - 1)).mul_(s)
         return codes_as_float
     o = offset(scale, zero, spec, codes_as_float.dtype)
     o = o.unsqueeze(-1) if o.dim() else o

@@ -29,7 +29,7 @@ from .codebook import check_codebook, normal_float
 INT_BITS = (2, 3, 4, 8)
 CODEBOOK_BITS = (2, 3, 4)
 MAX_OUTLIER_FRACTION = 0.25
-OUTLIER_ENTRY_BYTES = 4  # int16 position + float16 value (`outliers`)
+OUTLIER_INDEX_BYTES = 2  # int16 position of an outlier entry (`outliers`)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -70,7 +70,9 @@ class QuantSpec:
         symmetric: symmetric codes (scale only) instead of scale + zero point.
         format: ``"int"``, ``"fp8_e4m3"``, ``"fp8_e5m2"`` (FP8 is symmetric, scale only) or ``"nf"``
             (codebook indices; asymmetric groups are normalized by their min and max).
-        scale_dtype: dtype of the stored scales and zero points.
+        scale_dtype: dtype of the stored scales and zero points (and float32 also of the outlier
+            values, which are float16 otherwise). A store whose K/V leave its range switches to
+            float32 (`overflow`).
         codebook: ``"nf"`` only: ``2**bits`` increasing levels in [-1, 1] (e.g. fitted by
             ``kvsqueeze calibrate``); None uses the fixed normal-quantile codebook `normal_float`.
         outlier_fraction: fraction of entries per block kept exact aside (dense-and-sparse), in
@@ -174,6 +176,17 @@ class QuantSpec:
         return SCALE_DTYPES[self.scale_dtype]
 
     @property
+    def outlier_value_dtype(self) -> torch.dtype:
+        """dtype of the exact values of the outlier side store: float32 with float32 metadata, else
+        float16 (`outliers`)."""
+        return torch.float32 if self.scale_dtype == "float32" else torch.float16
+
+    @property
+    def outlier_entry_bytes(self) -> int:
+        """Bytes of one outlier entry: int16 position + value."""
+        return OUTLIER_INDEX_BYTES + torch.empty(0, dtype=self.outlier_value_dtype).element_size()
+
+    @property
     def metadata_bytes_per_group(self) -> int:
         """Bytes of scale (+ zero point) stored per group."""
         itemsize = torch.empty(0, dtype=self.torch_scale_dtype).element_size()
@@ -183,7 +196,7 @@ class QuantSpec:
     def bits_per_element(self) -> float:
         """Average stored bits per element: codes, scales, zero points and the outlier side store
         (nominal ``outlier_fraction``; `bytes_per_token` counts the whole entries really kept)."""
-        outliers = 8 * OUTLIER_ENTRY_BYTES * self.outlier_fraction
+        outliers = 8 * self.outlier_entry_bytes * self.outlier_fraction
         return self.bits + 8 * self.metadata_bytes_per_group / self.group_size + outliers
 
     def check_head_dim(self, head_dim: int, field: str = "group_size") -> None:
@@ -224,7 +237,7 @@ class QuantSpec:
         """Stored bytes per token for one layer's keys (or values): codes + scales + zero points +
         outlier side store (whole entries per block)."""
         dense = self.bits + 8 * self.metadata_bytes_per_group / self.group_size
-        outliers = OUTLIER_ENTRY_BYTES * self.outlier_count(head_dim) / self.outlier_tokens
+        outliers = self.outlier_entry_bytes * self.outlier_count(head_dim) / self.outlier_tokens
         return num_kv_heads * (head_dim * dense / 8 + outliers)
 
     def to_dict(self) -> dict:

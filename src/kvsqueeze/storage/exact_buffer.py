@@ -73,6 +73,17 @@ class ExactBuffer:
             self.data = None  # shrink: reallocated at the new size below (or on the next append)
         self.append(x)
 
+    def truncate(self, n: int) -> None:
+        """Drop the newest ``n`` held tokens (0 <= n <= num_tokens); a stepped buffer shrinks to fit."""
+        assert 0 <= n <= self.num_tokens, "exact buffer truncate beyond its tokens"
+        if n == 0:
+            return
+        kept = self.view()[:, :, : self.num_tokens - n]
+        if self.step is None:
+            self.num_tokens -= n
+        else:
+            self.assign(kept.clone())
+
     @property
     def nbytes(self) -> int:
         return 0 if self.data is None else self.data.numel() * self.data.element_size()

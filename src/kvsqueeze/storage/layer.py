@@ -1,8 +1,17 @@
 """`LayerStore`: everything one attention layer keeps — exact sinks, packed history, exact window.
 
-Token order along the sequence: ``[sinks | packed history | residual window]``. The policy
-decides, per update, how many incoming tokens join the sinks and how many whole blocks leave
+Token order along the sequence: ``[sinks | packed history | residual window | pending]``. The
+policy decides, per update, how many incoming tokens join the sinks and how many whole blocks leave
 the residual window for the packed pages.
+
+Rollback (`crop`, for assisted/speculative decoding): while recording the past
+(`record_past`, set by transformers' ``Cache.activate_past_recording``), new tokens wait exact in
+``pending`` until they are accepted: `settle` (called before the next read, and after a `crop`)
+passes them through the policy as an ordinary append. A rejected token therefore never reaches a
+packed block, and the state after ``crop`` equals the state of a store that never saw the rejected
+tokens (the packed blocks are a function of the token count: ``block_size * ceil((r - window) /
+block_size)`` of the ``r`` tokens after the sinks). Without recording, ``crop`` succeeds when that
+equality holds anyway (the removed tokens were all exact and no block was flushed because of them).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from ..config import CacheConfig
 from ..policies.window import SinkWindowPolicy
 from .exact_buffer import ExactBuffer
 from .pages import PagedStore
+from .row_sinks import RowSinks
 from .transform import PageTransform
 
 
@@ -26,29 +36,96 @@ class LayerStore:
         config: CacheConfig,
         key_transform: PageTransform | None = None,
         value_transform: PageTransform | None = None,
+        name: str = "layer",
     ) -> None:
         self.policy = SinkWindowPolicy(config.sink_tokens, config.residual_window, config.block_size)
         self.sink_k, self.sink_v = ExactBuffer(config.sink_tokens), ExactBuffer(config.sink_tokens)
         window_capacity = max(config.residual_window, config.block_size)
         self.window_k, self.window_v = ExactBuffer(window_capacity), ExactBuffer(window_capacity)
-        self.packed_k = PagedStore(config.key, config.page_tokens, key_transform)
-        self.packed_v = PagedStore(config.value, config.page_tokens, value_transform)
+        self.packed_k = PagedStore(config.key, config.page_tokens, key_transform, name=f"{name} keys")
+        self.packed_v = PagedStore(config.value, config.page_tokens, value_transform, name=f"{name} values")
+        # tokens not yet accepted while recording the past (empty otherwise)
+        self.pending_k, self.pending_v = ExactBuffer(None, step=16), ExactBuffer(None, step=16)
+        self.record_past = False
+        self.row_sinks = RowSinks(config.sink_tokens)  # each row's first real tokens, if padded
 
     @property
     def num_tokens(self) -> int:
-        return self.sink_k.num_tokens + self.packed_k.num_tokens + self.window_k.num_tokens
+        return (
+            self.sink_k.num_tokens
+            + self.packed_k.num_tokens
+            + self.window_k.num_tokens
+            + self.pending_k.num_tokens
+        )
 
     @property
     def batch_size(self) -> int:
         """Batch size of the held tokens (0 when empty)."""
-        for buf in (self.sink_k, self.window_k):
+        for buf in (self.sink_k, self.window_k, self.pending_k):
             if buf.data is not None:
                 return buf.data.shape[0]
         pages = self.packed_k.pages
         return pages[0].tensors()[0].shape[0] if pages else 0
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store new tokens ``key``, ``value`` (batch, kv_heads, n, head_dim)."""
+        """Store new tokens ``key``, ``value`` (batch, kv_heads, n, head_dim); while recording the
+        past they wait in ``pending`` until `settle`."""
+        self.row_sinks.append(key, value, self.num_tokens)
+        if self.record_past:
+            self.pending_k.append(key)
+            self.pending_v.append(value)
+            return
+        self._place(key, value)
+
+    def settle(self) -> None:
+        """Accept the pending tokens: place them as an ordinary append would (a no-op when none)."""
+        pending_k, pending_v = self.pending_k.view(), self.pending_v.view()
+        if pending_k is None:
+            return
+        self.pending_k.clear()
+        self.pending_v.clear()
+        self._place(pending_k, pending_v)
+
+    def packed_tokens_for(self, num_tokens: int) -> int:
+        """Tokens the packed history holds after ``num_tokens`` tokens were appended, in any chunks."""
+        plan = self.policy.plan(0, 0, num_tokens)
+        return plan.to_quantize
+
+    def check_crop(self, num_remove: int) -> None:
+        """Raise ValueError when removing the newest ``num_remove`` tokens cannot leave the state of a
+        store that never saw them: a packed block holds one of them, or was flushed because of them
+        (only a store recording the past, `record_past`, can roll back every step exactly)."""
+        if not 0 <= num_remove <= self.num_tokens:
+            raise ValueError(f"crop: {num_remove} tokens to remove; allowed: 0 to {self.num_tokens}")
+        rest = num_remove - min(num_remove, self.pending_k.num_tokens)
+        if not rest:
+            return
+        removable = self.window_k.num_tokens + (0 if self.packed_k.num_tokens else self.sink_k.num_tokens)
+        kept = self.num_tokens - num_remove
+        if rest > removable or self.packed_tokens_for(kept) != self.packed_k.num_tokens:
+            raise ValueError(
+                f"crop: removing {num_remove} tokens reaches tokens already quantized into packed blocks "
+                f"({self.packed_k.num_tokens} packed, {self.window_k.num_tokens} in the residual window); "
+                "call cache.activate_past_recording() before the forward whose tokens may be rejected "
+                "(transformers' assisted decoding does)"
+            )
+
+    def crop(self, num_remove: int) -> None:
+        """Remove the newest ``num_remove`` tokens, leaving the state of a store that never saw them,
+        then accept the pending rest (`settle`). Raises ValueError, store unchanged, as `check_crop`."""
+        self.check_crop(num_remove)
+        from_pending = min(num_remove, self.pending_k.num_tokens)
+        self.pending_k.truncate(from_pending)
+        self.pending_v.truncate(from_pending)
+        rest = num_remove - from_pending
+        from_window = min(rest, self.window_k.num_tokens)
+        self.window_k.truncate(from_window)
+        self.window_v.truncate(from_window)
+        self.sink_k.truncate(rest - from_window)
+        self.sink_v.truncate(rest - from_window)
+        self.settle()
+
+    def _place(self, key: torch.Tensor, value: torch.Tensor) -> None:
         plan = self.policy.plan(self.sink_k.num_tokens, self.window_k.num_tokens, key.shape[-2])
         s = plan.to_sinks
         if s:
@@ -70,10 +147,13 @@ class LayerStore:
     def parts(self) -> dict[str, int]:
         """Bytes held, by part."""
         return {
-            "sinks": self.sink_k.nbytes + self.sink_v.nbytes,
+            "sinks": self.sink_k.nbytes + self.sink_v.nbytes + self.row_sinks.nbytes,
             "packed_keys": self.packed_k.nbytes,
             "packed_values": self.packed_v.nbytes,
-            "residual": self.window_k.nbytes + self.window_v.nbytes,
+            "residual": self.window_k.nbytes
+            + self.window_v.nbytes
+            + self.pending_k.nbytes
+            + self.pending_v.nbytes,
         }
 
     @property
@@ -81,7 +161,17 @@ class LayerStore:
         return sum(self.parts().values())
 
     def buffers(self) -> list:
-        return [self.sink_k, self.sink_v, self.window_k, self.window_v, self.packed_k, self.packed_v]
+        return [
+            self.sink_k,
+            self.sink_v,
+            self.window_k,
+            self.window_v,
+            self.pending_k,
+            self.pending_v,
+            self.packed_k,
+            self.packed_v,
+            self.row_sinks,
+        ]
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for buf in self.buffers():

@@ -4,15 +4,23 @@ A page holds ``page_tokens`` tokens in one format (`PackedTensor`, or `ExactTens
 is None). An optional `PageTransform` (pre-RoPE, rotation) is applied before quantization; the
 readers undo it with `restore_`. Tokens are appended in whole blocks, written once and never re-quantized; appending
 costs O(new tokens) and never copies what is already stored.
+
+Metadata range (`quant.overflow`): when a block's scales, zero points or outlier values do not
+fit the spec's ``scale_dtype`` (K/V beyond ±65504 with float16 metadata), the store switches to
+float32 metadata from that block on: ``spec`` becomes the widened spec, the existing pages are
+converted (exactly, once) and a `MetadataOverflowWarning` names the store, the magnitude and the
+dtype. All pages then share one format and `nbytes` counts the wider metadata.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 
 from ..quant.exact import ExactTensor
+from ..quant.overflow import MetadataOverflowWarning, metadata_amax
 from ..quant.packed import PackedTensor
 from ..quant.spec import QuantSpec
 from .transform import PageTransform
@@ -21,12 +29,20 @@ Page = PackedTensor | ExactTensor
 
 
 class PagedStore:
-    """Packed history of one tensor kind of one layer, shape (batch, kv_heads, num_tokens, head_dim)."""
+    """Packed history of one tensor kind of one layer, shape (batch, kv_heads, num_tokens, head_dim).
+
+    ``name`` (e.g. ``"layer 3 keys"``) only labels the metadata-overflow warning.
+    """
 
     def __init__(
-        self, spec: QuantSpec | None, page_tokens: int, transform: PageTransform | None = None
+        self,
+        spec: QuantSpec | None,
+        page_tokens: int,
+        transform: PageTransform | None = None,
+        name: str = "packed store",
     ) -> None:
         self.spec = spec
+        self.name = name
         self.page_tokens = page_tokens
         self.transform = None if transform is None or transform.is_identity or spec is None else transform
         self.pages: list[Page] = []
@@ -46,6 +62,8 @@ class PagedStore:
         if self.transform is not None:
             x = self.transform.encode(x, self.num_tokens)
         encoded = self._encode(x)
+        if isinstance(encoded, PackedTensor) and encoded.spec is not self.spec:
+            self._widen(encoded)
         done = 0
         while done < x.shape[-2]:
             page_idx, offset = divmod(self.num_tokens, self.page_tokens)
@@ -55,6 +73,24 @@ class PagedStore:
             self.pages[page_idx].slice_tokens(offset, offset + n).copy_(encoded.slice_tokens(done, done + n))
             done += n
             self.num_tokens += n
+
+    def _widen(self, encoded: PackedTensor) -> None:
+        """Switch to the (float32) metadata of ``encoded``, whose own metadata overflowed this spec."""
+        assert self.spec is not None
+        old, new = self.spec, encoded.spec
+        warnings.warn(
+            f"{self.name}: K/V metadata (scales, zero points, outlier values) of magnitude up to "
+            f"{metadata_amax(encoded.scale, encoded.zero, encoded.outlier_value):.6g} overflow scale_dtype "
+            f"{old.scale_dtype} (largest finite {torch.finfo(old.torch_scale_dtype).max:.6g}); this store "
+            f"keeps {new.scale_dtype} metadata from now on ({old.bits_per_element:g} -> "
+            f"{new.bits_per_element:g} bits per element)",
+            MetadataOverflowWarning,
+            stacklevel=3,
+        )
+        self.spec = new
+        packed = [page for page in self.pages if isinstance(page, PackedTensor)]
+        assert len(packed) == len(self.pages), "a quantized store holds packed pages only"
+        self.pages = [page.with_metadata_of(new) for page in packed]
 
     def filled(self) -> list[Page]:
         """Views of the stored tokens, page by page (what a fused reader iterates over)."""

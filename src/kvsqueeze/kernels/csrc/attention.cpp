@@ -3,7 +3,9 @@
 // then a log-sum-exp merge of the splits (flash-decoding).
 //
 // query (B, Hq, Lq, D); every source (B, Hkv, >= T_seg, D); mask None or (B|1, Hq|1, Lq, T),
-// bool or float32 (additive); causal (used without a mask): query i sees t <= T - Lq + i.
+// bool or float32 (additive); causal (used without a mask): query i sees t <= T - Lq + i;
+// sinks None or (B, Hq, Lq) float32: one extra logit per query row in the softmax denominator whose
+// value is zero (GPT-OSS attention sinks), applied when the rows are written.
 // Returns (B, Lq, Hq, D) in the query's dtype, the layout transformers' attention functions return.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -40,14 +42,25 @@ void load_queries(const at::Tensor& query, const Problem& p, int64_t b, int64_t 
   std::fill(st.l.begin(), st.l.begin() + nr, 0.f);
 }
 
+// 1 / softmax denominator of a row with running max m and sum l (relative to m), the sink logit s
+// joining it: 1 / (l + exp(s - m)), computed relative to max(m, s) so a large sink cannot overflow.
+inline float inverse_denominator(float m, float l, const float* sink) {
+  if (sink == nullptr) return l > 0.f ? 1.f / l : 0.f;  // rows that see no token give 0
+  const float top = std::max(m, *sink);
+  if (m == kNegInf || top == kNegInf) return 0.f;
+  const float own = std::exp(m - top), denom = l * own + std::exp(*sink - top);
+  return denom > 0.f ? own / denom : 0.f;  // NaN (a +inf sink) also gives 0
+}
+
 template <typename scalar_t>
 void write_rows(at::Tensor& out, const Problem& p, int64_t b, int64_t h, int64_t r0, int64_t nr,
-                const float* acc, const float* l) {
+                const float* acc, const float* m, const float* l) {
   scalar_t* o = out.data_ptr<scalar_t>();
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t row = r0 + r, hq = h * p.G + row / p.Lq, i = row % p.Lq;
     scalar_t* dst = o + ((b * p.Lq + i) * p.Hq + hq) * p.D;
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // rows that see no token give 0
+    const float* sink = p.sinks ? p.sinks + (b * p.Hq + hq) * p.Lq + i : nullptr;
+    const float inv = inverse_denominator(m[r], l[r], sink);
     for (int64_t c = 0; c < p.D; ++c) dst[c] = static_cast<scalar_t>(acc[r * p.D + c] * inv);
   }
 }
@@ -75,7 +88,7 @@ void merge_splits(at::Tensor& out, const Problem& p, int64_t splits, const at::T
         for (int64_t c = 0; c < p.D; ++c) acc[c] += w * pa[idx * p.D + c];
       }
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "kvsqueeze_merge", [&] {
-        write_rows<scalar_t>(out, p, bh / p.Hkv, bh % p.Hkv, r, 1, acc.data(), &l);
+        write_rows<scalar_t>(out, p, bh / p.Hkv, bh % p.Hkv, r, 1, acc.data(), &M, &l);
       });
     }
   }
@@ -86,7 +99,7 @@ void merge_splits(at::Tensor& out, const Problem& p, int64_t splits, const at::T
 at::Tensor fused_attention(const at::Tensor& query, const std::vector<at::Tensor>& tensors,
                            const std::vector<int64_t>& meta, const std::vector<int64_t>& seg_tokens,
                            const c10::optional<at::Tensor>& mask_t, double scaling, bool causal,
-                           const at::Tensor& luts) {
+                           const at::Tensor& luts, const c10::optional<at::Tensor>& sinks) {
   const int64_t nseg = static_cast<int64_t>(seg_tokens.size());
   TORCH_CHECK(nseg > 0 && static_cast<int64_t>(meta.size()) == nseg * 2 * kMetaFields, "kvsqueeze: bad meta");
   TORCH_CHECK(query.dim() == 4 && query.stride(3) == 1, "kvsqueeze: query must be (B, Hq, Lq, D)");
@@ -111,6 +124,13 @@ at::Tensor fused_attention(const at::Tensor& query, const std::vector<at::Tensor
     TORCH_CHECK(m.dim() == 4 && (m.size(0) == 1 || m.size(0) == p.B) && (m.size(1) == 1 || m.size(1) == p.Hq) &&
                     m.size(2) == p.Lq && m.size(3) == p.T && (m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat),
                 "kvsqueeze: mask must be (B|1, Hq|1, Lq, T), bool or float32");
+  }
+  if (sinks.has_value()) {
+    const at::Tensor& s = *sinks;
+    TORCH_CHECK(s.dim() == 3 && s.size(0) == p.B && s.size(1) == p.Hq && s.size(2) == p.Lq &&
+                    s.scalar_type() == at::kFloat && s.is_contiguous(),
+                "kvsqueeze: sinks must be (B, Hq, Lq) contiguous float32");
+    p.sinks = s.data_ptr<float>();
   }
   const Mask mask(mask_t);
   std::vector<PackedFn> fast(nseg);
@@ -161,7 +181,7 @@ at::Tensor fused_attention(const at::Tensor& query, const std::vector<at::Tensor
       }
       if (splits == 1) {
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "kvsqueeze_out", [&] {
-          write_rows<scalar_t>(out, p, b, h, r0, nr, st.acc.data(), st.l.data());
+          write_rows<scalar_t>(out, p, b, h, r0, nr, st.acc.data(), st.m.data(), st.l.data());
         });
       } else {
         const int64_t base = ((b * p.Hkv + h) * splits + split) * p.R + r0;

@@ -7,7 +7,7 @@ namespace kvsqueeze {
 at::Tensor fused_attention(const at::Tensor& query, const std::vector<at::Tensor>& tensors,
                            const std::vector<int64_t>& meta, const std::vector<int64_t>& seg_tokens,
                            const c10::optional<at::Tensor>& mask, double scaling, bool causal,
-                           const at::Tensor& luts);
+                           const at::Tensor& luts, const c10::optional<at::Tensor>& sinks);
 void dequantize_into(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& meta,
                      int64_t num_tokens, at::Tensor& out, const at::Tensor& luts);
 }  // namespace kvsqueeze

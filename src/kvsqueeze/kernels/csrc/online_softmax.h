@@ -24,6 +24,7 @@ struct Problem {
   std::vector<int64_t> seg_start;  // first token of each segment, then T
   float scaling;
   bool causal;
+  const float* sinks = nullptr;  // (B, Hq, Lq) sink logits or null (see attention.cpp, write_rows)
 };
 
 struct Mask {

@@ -1,0 +1,142 @@
+"""Exact sinks per sequence: in a left-padded batch each row's first real tokens stay exact.
+
+Before, the sinks were the first columns of the batch, i.e. padding for the short rows, whose real
+first tokens were quantized like any other.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from kvsqueeze import SqueezedCache
+from kvsqueeze.attention.reference import Workspace, materialize
+from kvsqueeze.config import CacheConfig, QuantSpec
+from kvsqueeze.eval.memory import store_tensor_bytes
+from kvsqueeze.integrations.attention import use_fused_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PAD = 0
+SMALL_WINDOW = CacheConfig(
+    key=QuantSpec(bits=2, axis="channel", group_size=16),
+    value=QuantSpec(bits=2, axis="token", group_size=32),
+    sink_tokens=4,
+    residual_window=16,
+    block_size=16,
+    page_tokens=64,
+)
+CONFIGS = {"small-window-k2v2": SMALL_WINDOW, "k4v4": "k4v4", "int8": "int8"}
+
+
+@functools.cache
+def tiny(attn: str = "sdpa") -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=1024, bos_token_id=None,
+        eos_token_id=None, pad_token_id=PAD,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    if attn == "kvsqueeze":
+        use_fused_attention(model)
+    return model
+
+
+def padded_batch(
+    lengths: list[int], pad_position: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of random rows, left-padded as generate numbers them
+    (padding at position 0 in transformers 5.24, 1 before)."""
+    g = torch.Generator().manual_seed(5)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n :] = torch.randint(1, 128, (n,), generator=g)
+        mask[i, width - n :] = 1
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, pad_position)
+    return ids, mask, positions
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("lengths", [[40, 300], [300, 40, 7, 299], [302, 300]])
+@pytest.mark.parametrize("pad_position", [0, 1])
+def test_each_rows_first_real_tokens_are_stored_exact(
+    name: str, lengths: list[int], pad_position: int
+) -> None:
+    model = tiny()
+    ids, mask, positions = padded_batch(lengths, pad_position)
+    exact, squeezed = DynamicCache(config=model.config), SqueezedCache.from_model(model, CONFIGS[name])
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=positions, cache=exact)
+        # a second chunk: the sinks copy must survive later appends
+        more = torch.randint(1, 128, (len(lengths), 20))
+        more_mask = torch.cat([mask, torch.ones_like(more)], -1)
+        more_pos = positions[:, -1:] + 1 + torch.arange(20)
+        model(ids, attention_mask=mask, position_ids=positions, cache=squeezed)
+        model(more, attention_mask=more_mask, position_ids=more_pos, cache=exact)
+        model(more, attention_mask=more_mask, position_ids=more_pos, cache=squeezed)
+    width = ids.shape[1]
+    for index, layer in enumerate(squeezed.layers):
+        empty = torch.empty(len(lengths), 2, 0, 64)
+        keys, values = materialize(layer.store, empty, empty, Workspace())
+        ref_k, ref_v = exact.layers[index].keys, exact.layers[index].values
+        for row, n in enumerate(lengths):
+            start = width - n
+            real = slice(start, start + min(4, n))
+            torch.testing.assert_close(keys[row, :, real], ref_k[row, :, real], rtol=0, atol=0)
+            torch.testing.assert_close(values[row, :, real], ref_v[row, :, real], rtol=0, atol=0)
+        assert layer.store.nbytes == store_tensor_bytes([layer.store])
+
+
+def test_fused_path_reads_the_row_sinks_like_the_reference_path() -> None:
+    ids, mask, positions = padded_batch([40, 300, 120])
+    logits = {}
+    for attn in ("sdpa", "kvsqueeze"):
+        model = tiny(attn)
+        cache = SqueezedCache.from_model(model, SMALL_WINDOW)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, position_ids=positions, cache=cache)
+            step = torch.randint(1, 128, (3, 1), generator=torch.Generator().manual_seed(1))
+            out = model(
+                step,
+                attention_mask=torch.cat([mask, torch.ones_like(step)], -1),
+                position_ids=positions[:, -1:] + 1,
+                cache=cache,
+            )
+        assert cache.fused == (attn == "kvsqueeze")
+        logits[attn] = out.logits
+    torch.testing.assert_close(logits["kvsqueeze"], logits["sdpa"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["k2v2-keep10-knorm", "knorm-50"])
+def test_token_policies_refuse_left_padded_batches(name: str) -> None:
+    model = tiny()
+    ids, mask, _ = padded_batch([30, 50])
+    cache = SqueezedCache.from_model(model, name)
+    with pytest.raises(ValueError, match="left-padded batch with a token-policy cache"):
+        model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=3, do_sample=False)
+    assert cache.get_seq_length() == 0
+    # unpadded batches are fine
+    model.generate(
+        ids[:, -30:], cache=SqueezedCache.from_model(model, name), max_new_tokens=3, do_sample=False
+    )
+
+
+@pytest.mark.parametrize("name", ["k4v4", "int8"])
+def test_generate_keeps_the_padded_rows_sinks_exact(name: str) -> None:
+    """Through ``generate`` (which numbers the padding itself): the short row's real first tokens."""
+    model = tiny()
+    ids, mask, _ = padded_batch([300, 40])
+    exact, squeezed = DynamicCache(config=model.config), SqueezedCache.from_model(model, name)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, cache=exact, max_new_tokens=3, do_sample=False)
+        model.generate(ids, attention_mask=mask, cache=squeezed, max_new_tokens=3, do_sample=False)
+    layer = squeezed.layers[0]
+    assert layer.store.row_sinks.starts.tolist() == [0, 260]
+    empty = torch.empty(2, 2, 0, 64)
+    keys, _ = materialize(layer.store, empty, empty, Workspace())
+    torch.testing.assert_close(keys[1, :, 260:264], exact.layers[0].keys[1, :, 260:264], rtol=0, atol=0)
