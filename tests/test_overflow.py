@@ -242,11 +242,15 @@ def test_llama_with_huge_key_bias_stays_finite_and_close(fused: bool) -> None:
             register()
             model.set_attn_implementation("kvsqueeze")
         exact = _decode_logits(model, DynamicCache(config=model.config), ids, prompt)
+        with warnings.catch_warnings(record=True) as predicted:
+            warnings.simplefilter("always")
+            cache = SqueezedCache.from_model(model, "k4v4")  # the risk check names the overflow
+        assert cache.fused == fused
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            cache = SqueezedCache.from_model(model, "k4v4")
-            assert cache.fused == fused
             logits = _decode_logits(model, cache, ids, prompt)
+        named = [w for w in predicted if issubclass(w.category, MetadataOverflowWarning)]
+        assert len(named) == (1 if bias else 0)
         widened = [w for w in record if issubclass(w.category, MetadataOverflowWarning)]
         assert len(widened) == (2 if bias else 0)  # the keys of each layer, once
         assert torch.isfinite(logits).all()

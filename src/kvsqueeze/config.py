@@ -6,13 +6,15 @@ rejects unknown keys. The CLI is a view of this tree.
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
+from .config_file import Fingerprint, as_fingerprint, check_fingerprint, read_config_file
 from .policies import presses
 from .policies.plan import TokenPolicy
-from .quant.spec import Axis, QuantSpec, as_spec, from_fields
+from .quant.spec import Axis, QuantSpec, as_spec, check_bool, check_int, from_fields
 
 __all__ = [
     "PRESETS",
@@ -23,6 +25,7 @@ __all__ = [
     "QuantSpec",
     "TokenPolicy",
     "fit_group_size",
+    "is_config_path",
     "preset",
     "resolve_config",
 ]
@@ -40,8 +43,7 @@ class LayerOverride:
     value: QuantSpec | None
 
     def __post_init__(self) -> None:
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise ValueError(f"layer_overrides.layer: {self.layer!r} must be an integer >= 0")
+        check_int(self.layer, "layer_overrides.layer", 0)
         for name in ("key", "value"):
             object.__setattr__(
                 self, name, as_spec(getattr(self, name), f"layer_overrides[{self.layer}].{name}")
@@ -54,8 +56,8 @@ class LayerOverride:
         return {"layer": self.layer, "key": d(self.key), "value": d(self.value)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> LayerOverride:
-        return from_fields(cls, data, "layer_overrides")
+    def from_dict(cls, data: dict, label: str = "layer_overrides") -> LayerOverride:
+        return from_fields(cls, data, label)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class CacheConfig:
             (`TokenPolicy`: roles, importance, ``keep_exact``, ``evict``); None: every such token
             is packed with ``key``/``value``. Per-layer overrides set the low class of their layer;
             not combinable (yet) with rotations or pre-RoPE keys.
+        model_fingerprint: the model a calibrated config was made for (`config_file`; written by
+            ``kvsqueeze calibrate``), as {field: value} of its transformers config; `check_model`
+            with ``model_config`` refuses the config on another model. Empty: any model.
 
     Configs with codebook or outlier formats, rotations or pre-RoPE keys are read by the reference
     path only (`kernel_readable` is False): a fused cache with such a config falls back to it.
@@ -105,6 +110,7 @@ class CacheConfig:
     rotation_seed: int = 0
     layer_overrides: tuple[LayerOverride, ...] = ()
     tokens: TokenPolicy | None = None
+    model_fingerprint: Fingerprint = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.tokens, dict):
@@ -114,18 +120,16 @@ class CacheConfig:
         for name in ("key", "value"):
             object.__setattr__(self, name, as_spec(getattr(self, name), name))
         for name in ("sink_tokens", "residual_window"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: {value!r} must be an integer >= 0")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size: {self.block_size!r} must be a positive integer")
+            check_int(getattr(self, name), name, 0)
+        check_int(self.block_size, "block_size", 1)
         if self.residual_window % self.block_size:
             raise ValueError(
                 f"residual_window: {self.residual_window} is not a multiple of block_size {self.block_size}; "
                 f"allowed: 0, {self.block_size}, {2 * self.block_size}, ..."
             )
         if (
-            not isinstance(self.page_tokens, int)
+            isinstance(self.page_tokens, bool)
+            or not isinstance(self.page_tokens, int)
             or self.page_tokens < 1
             or self.page_tokens % self.block_size
         ):
@@ -133,19 +137,18 @@ class CacheConfig:
                 f"page_tokens: {self.page_tokens!r} must be a positive multiple of block_size {self.block_size}"
             )
         for name in ("rotate_keys", "rotate_values", "pre_rope_keys"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: {getattr(self, name)!r} must be True or False")
-        if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int):
-            raise ValueError(f"rotation_seed: {self.rotation_seed!r} must be an integer")
-        overrides = tuple(
-            LayerOverride.from_dict(o) if isinstance(o, dict) else o for o in self.layer_overrides or ()
-        )
-        if any(not isinstance(o, LayerOverride) for o in overrides):
-            raise ValueError("layer_overrides: every item must be a LayerOverride or a dict of its fields")
-        layers = [o.layer for o in overrides]
+            check_bool(getattr(self, name), name)
+        if (
+            isinstance(self.rotation_seed, bool)
+            or not isinstance(self.rotation_seed, int)
+            or not (0 <= self.rotation_seed < 2**64)
+        ):
+            raise ValueError(f"rotation_seed: {self.rotation_seed!r} must be an integer in [0, 2**64)")
+        object.__setattr__(self, "layer_overrides", _overrides(self.layer_overrides))
+        object.__setattr__(self, "model_fingerprint", as_fingerprint(self.model_fingerprint))
+        layers = [o.layer for o in self.layer_overrides]
         if len(set(layers)) != len(layers):
             raise ValueError(f"layer_overrides: layers {layers} repeat; each layer may appear once")
-        object.__setattr__(self, "layer_overrides", overrides)
         if self.tokens is not None and (self.rotate_keys or self.rotate_values or self.pre_rope_keys):
             raise ValueError(
                 "tokens: a token policy cannot be combined with rotate_keys, rotate_values or pre_rope_keys "
@@ -221,6 +224,7 @@ class CacheConfig:
         """This config with every per-token group size that does not divide ``head_dim`` lowered to
         `fit_group_size`; per-channel groups (along tokens) are kept. What a preset *name* becomes
         on a model (`resolve_config`); ``self`` when nothing changes."""
+        check_int(head_dim, "head_dim", 1)
 
         def fit(spec: QuantSpec | None) -> QuantSpec | None:
             if spec is None or spec.axis is not Axis.TOKEN or head_dim % spec.group_size == 0:
@@ -236,8 +240,18 @@ class CacheConfig:
         )
         return self if out == self else out
 
-    def check_model(self, num_kv_heads: int, head_dim: int, num_layers: int | None = None) -> None:
-        """Raise if the specs cannot tile this model's heads (or overrides name missing layers)."""
+    def check_model(
+        self, num_kv_heads: int, head_dim: int, num_layers: int | None = None, model_config: Any = None
+    ) -> None:
+        """Raise if the specs cannot tile this model's heads, overrides name missing layers, or (with
+        the model's transformers ``model_config``) the config was calibrated for another model
+        (`model_fingerprint`)."""
+        check_int(num_kv_heads, "num_kv_heads", 1)
+        check_int(head_dim, "head_dim", 1)
+        if num_layers is not None:
+            check_int(num_layers, "num_layers", 1)
+        if model_config is not None:
+            check_fingerprint(self.model_fingerprint, model_config)
         for name, spec in self.named_specs():
             spec.check_head_dim(head_dim, field=f"{name}.group_size")
         if num_layers is not None:
@@ -256,6 +270,7 @@ class CacheConfig:
     def _layers(self, num_layers: int | None) -> list[CacheConfig]:
         if num_layers is None:
             num_layers = max((o.layer for o in self.layer_overrides), default=0) + 1
+        check_int(num_layers, "num_layers", 1)
         return [self.for_layer(i) for i in range(num_layers)]
 
     def bits_per_element(self, exact_bits: int = 16, num_layers: int | None = None) -> float:
@@ -278,6 +293,12 @@ class CacheConfig:
         Exact tensors (spec None) count ``exact_bytes`` per element. Sinks and the residual window
         add a fixed amount per sequence on top; `SqueezedCache.nbytes` counts everything held.
         """
+        for name, value in (
+            ("num_layers", num_layers),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
+            check_int(value, name, 1)
         if self.layer_overrides:
             return sum(
                 c.bytes_per_token(1, num_kv_heads, head_dim, exact_bytes) for c in self._layers(num_layers)
@@ -295,26 +316,60 @@ class CacheConfig:
         out["layer_overrides"] = [o.to_dict() for o in self.layer_overrides]
         if out["tokens"] is None:
             del out["tokens"]  # configs without a token policy keep their old dict form
+        if self.model_fingerprint:
+            out["model_fingerprint"] = dict(self.model_fingerprint)
+        else:
+            del out["model_fingerprint"]
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> CacheConfig:
+        if isinstance(data, str):
+            raise ValueError(
+                f"CacheConfig: expected a dict (JSON object) of its fields, got str {data!r}; a preset name "
+                "or a config file path goes to resolve_config() (or preset() for names)"
+            )
         return from_fields(cls, data, "CacheConfig")
 
     @classmethod
     def load(cls, path: str | Path) -> CacheConfig:
-        """A config from a JSON file: a plain `to_dict` dump, or a calibration file written by
-        ``kvsqueeze calibrate`` (its ``"config"`` entry; the statistics beside it are ignored)."""
-        file = Path(path)
-        if not file.is_file():
-            raise ValueError(f"config file: {str(path)!r} does not exist")
-        data = json.loads(file.read_text())
-        if isinstance(data, dict) and "calibration" in data:
-            data = data["config"]
-        return cls.from_dict(data)
+        """A config from a JSON file: a plain `to_dict` dump, or a file holding one under ``"config"``
+        such as a calibration file written by ``kvsqueeze calibrate`` (whose model fingerprint the
+        config keeps; the statistics beside it are ignored). ValueError naming the file otherwise."""
+        data = read_config_file(path)
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"config file {str(path)!r}: {err}") from None
 
     def replace(self, **changes: object) -> CacheConfig:
+        allowed = [f.name for f in fields(self)]
+        unknown = [name for name in changes if name not in allowed]
+        if unknown:
+            raise ValueError(f"CacheConfig: unknown fields {unknown}; allowed: {allowed}")
         return replace(self, **changes)
+
+
+def _overrides(value: object) -> tuple[LayerOverride, ...]:
+    """``layer_overrides`` as a tuple of `LayerOverride` (given ones or dicts of their fields)."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(
+            f"layer_overrides: {value!r:.80} must be a list of LayerOverride or dicts "
+            "{'layer': ..., 'key': ..., 'value': ...}"
+        )
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, dict):
+            item = LayerOverride.from_dict(item, f"layer_overrides[{i}]")
+        if not isinstance(item, LayerOverride):
+            raise ValueError(
+                f"layer_overrides[{i}]: {item!r:.80} must be a LayerOverride or a dict of its fields "
+                "{'layer': ..., 'key': ..., 'value': ...}"
+            )
+        out.append(item)
+    return tuple(out)
 
 
 def _kivi(key_bits: int, value_bits: int, group_size: int, **kw: object) -> CacheConfig:
@@ -454,29 +509,52 @@ def preset(name: str) -> CacheConfig:
     head_dim and the fast one only head_dim 64 / 128, where groups are kept. Per-channel key
     groups run along tokens (they divide ``block_size``) and are never changed.
     """
-    if name in PRESETS:
+    if isinstance(name, str) and name in PRESETS:
         return PRESETS[name]
-    if name in TOKEN_PRESETS:
+    if isinstance(name, str) and name in TOKEN_PRESETS:
         return TOKEN_PRESETS[name]
-    raise ValueError(f"preset: {name!r} is unknown; allowed: {[*PRESETS, *TOKEN_PRESETS]}")
+    raise ValueError(
+        f"preset: {name!r} is unknown; allowed: {[*PRESETS, *TOKEN_PRESETS]} "
+        "(where a preset is accepted, so is a config file: a path ending in .json)"
+    )
 
 
-def resolve_config(config: str | CacheConfig | dict, head_dim: int | None = None) -> CacheConfig:
-    """A `CacheConfig` from a preset name, a dict of fields, or a `CacheConfig`.
+def is_config_path(config: object) -> bool:
+    """Whether ``config`` names a config file rather than a preset: a path object, or a string
+    that is not a preset name and ends in ``.json``, contains a path separator or names a file."""
+    if isinstance(config, os.PathLike):
+        return True
+    if not isinstance(config, str) or config in PRESETS or config in TOKEN_PRESETS:
+        return False
+    return config.endswith(".json") or "/" in config or os.sep in config or Path(config).is_file()
+
+
+def resolve_config(config: str | Path | CacheConfig | dict, head_dim: int | None = None) -> CacheConfig:
+    """A `CacheConfig` from a preset name, a config file (`is_config_path`: `CacheConfig.load`,
+    calibration files included), a dict of fields, or a `CacheConfig`.
 
     With ``head_dim`` (the model's), a preset name is fitted to it (`preset`,
-    `CacheConfig.for_head_dim`); a dict or `CacheConfig` is the user's explicit choice and is
+    `CacheConfig.for_head_dim`); a file, dict or `CacheConfig` is the user's explicit choice and is
     returned unchanged (`CacheConfig.check_model` rejects groups that do not divide head_dim).
     """
-    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1):
-        raise ValueError(f"head_dim: {head_dim!r} must be a positive integer")
+    if head_dim is not None:
+        check_int(head_dim, "head_dim", 1)
     if isinstance(config, CacheConfig):
         return config
+    if is_config_path(config):
+        return CacheConfig.load(config)
     if isinstance(config, str):
+        if config not in PRESETS and config not in TOKEN_PRESETS:
+            raise ValueError(
+                f"config: {config!r} is neither a preset nor a config file; allowed: the presets "
+                f"{[*PRESETS, *TOKEN_PRESETS]} or the path of a .json config file (CacheConfig.to_dict "
+                "or kvsqueeze calibrate output)"
+            )
         named = preset(config)
         return named if head_dim is None else named.for_head_dim(head_dim)
     if isinstance(config, dict):
         return CacheConfig.from_dict(config)
     raise ValueError(
-        f"config: {config!r} must be a preset name {[*PRESETS, *TOKEN_PRESETS]}, a dict or a CacheConfig"
+        f"config: {config!r:.80} must be a preset name {[*PRESETS, *TOKEN_PRESETS]}, a .json config file "
+        "path, a dict or a CacheConfig"
     )

@@ -7,14 +7,16 @@ into a regular safetensors folder under :func:`cache_root`; later loads take wel
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pathlib
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_ENV = "KVSQUEEZE_CACHE"
+FUSED_ATTENTION = "kvsqueeze"  # the attention of the fused read path (`integrations.attention`)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,8 @@ def cache_root() -> pathlib.Path:
 
 def _allowed() -> str:
     return (
-        f"give one of the named models {sorted(NAMED_MODELS)}, a local folder, "
-        "or a Hugging Face model id (needs internet)"
+        f"allowed: a named model {sorted(NAMED_MODELS)}, a local folder with config.json, a GGUF file, "
+        "or a Hugging Face model id such as 'org/name' (needs internet)"
     )
 
 
@@ -150,11 +154,17 @@ def resolve_model(name_or_path: str) -> pathlib.Path | str:
 
     - a named model (see :data:`NAMED_MODELS`) -> its converted local folder (converted on first use);
     - an existing local folder -> that folder as a ``Path``;
+    - an existing ``.gguf`` file -> that file as a ``Path``;
     - anything else that does not look like a path -> returned unchanged, as a hub id.
 
     Raises:
-        ValueError: the spec looks like a path that does not exist, or a named model's package is missing.
+        ValueError: the spec is not a string, looks like a path that does not exist, is a file but not a
+            GGUF file, is no valid hub id, or a named model's package is missing.
     """
+    if isinstance(name_or_path, os.PathLike):
+        name_or_path = os.fspath(name_or_path)
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ValueError(f"model: {name_or_path!r} is not a model name or path; {_allowed()}")
     named = NAMED_MODELS.get(name_or_path)
     if named is not None:
         target = cache_root() / named.name
@@ -162,9 +172,75 @@ def resolve_model(name_or_path: str) -> pathlib.Path | str:
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return path
+        raise ValueError(f"model: '{name_or_path}' is a file but not a GGUF file (.gguf); {_allowed()}")
+    if path.exists():
+        raise ValueError(f"model: '{name_or_path}' is neither a folder nor a file; {_allowed()}")
     if _looks_like_path(name_or_path):
         raise ValueError(f"model: path '{name_or_path}' does not exist; {_allowed()}")
+    if not HUB_ID.fullmatch(name_or_path):
+        raise ValueError(
+            f"model: '{name_or_path}' is not a named model, an existing folder or file, nor a valid hub id; "
+            f"{_allowed()}"
+        )
     return name_or_path
+
+
+def attn_implementations() -> list[str]:
+    """The ``attn_implementation`` names `load_model` accepts: transformers' own and ``"kvsqueeze"``."""
+    from transformers import AttentionInterface
+
+    names = ["eager", *AttentionInterface().valid_keys(), FUSED_ATTENTION]
+    return list(dict.fromkeys(names))
+
+
+def _check_load_args(attn_implementation: object, dtype: object, device: object) -> torch.device:
+    """Raise ValueError naming the argument unless the attention, dtype and device are usable here."""
+    if attn_implementation is not None:
+        allowed = attn_implementations()
+        hub_kernel = isinstance(attn_implementation, str) and "/" in attn_implementation
+        if not isinstance(attn_implementation, str) or not (attn_implementation in allowed or hub_kernel):
+            raise ValueError(
+                f"attn_implementation: {attn_implementation!r} is not supported; allowed: {allowed} "
+                "(or a hub kernel 'org/repo')"
+            )
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype: {dtype!r} is not a floating-point torch dtype; allowed: torch.float32, torch.float16, "
+            "torch.bfloat16"
+        )
+    try:
+        where = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device: {device!r} is not a torch device; allowed: 'cpu', 'cuda', 'cuda:0', ..."
+        ) from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} needs CUDA, which this torch cannot use; allowed here: 'cpu'")
+    return where
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Hide transformers' own progress bars (the "Loading weights" bar of every load) while our
+    load runs; the hook the caller had is restored. Hub download bars are not transformers' and stay."""
+    from transformers.utils import logging
+
+    def hide(factory: Any, args: tuple, kwargs: dict) -> Any:
+        return logging.EmptyTqdm(*args, **kwargs)
+
+    previous = logging.set_tqdm_hook(hide)
+    try:
+        yield
+    finally:
+        logging.set_tqdm_hook(previous)
+
+
+def _check_folder(source: pathlib.Path | str, name: str) -> None:
+    if isinstance(source, pathlib.Path) and source.is_dir() and not (source / "config.json").is_file():
+        raise ValueError(f"model: folder '{name}' has no config.json (not a saved model); {_allowed()}")
 
 
 def load_model(
@@ -177,39 +253,48 @@ def load_model(
     """Load a causal LM and its tokenizer, in eval mode on ``device``.
 
     Args:
-        name_or_path: a named model (default ``smollm2-135m``), a local folder or a Hugging Face model id.
+        name_or_path: a named model (default ``smollm2-135m``), a local folder (with config.json), a
+            GGUF file (dequantized on every load) or a Hugging Face model id.
         dtype: parameter dtype.
         device: torch device string, e.g. ``"cpu"`` or ``"cuda:0"``.
-        attn_implementation: passed to ``from_pretrained`` when given (e.g. ``"eager"``, ``"sdpa"``);
-            ``"kvsqueeze"`` (the fused read path of `SqueezedCache`) is registered first.
+        attn_implementation: passed to ``from_pretrained`` when given (e.g. ``"eager"``, ``"sdpa"``,
+            see `attn_implementations`); ``"kvsqueeze"`` (the fused read path of `SqueezedCache`) is
+            registered first.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer's pad token falls back to its eos token.
 
     Raises:
-        ValueError: the model cannot be found or loaded (see :func:`resolve_model`).
+        ValueError: an argument is not usable (checked before loading), or the model cannot be found
+            or loaded (see :func:`resolve_model`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    where = _check_load_args(attn_implementation, dtype, device)
     source = resolve_model(name_or_path)
+    _check_folder(source, str(name_or_path))
     kwargs: dict = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    if attn_implementation == "kvsqueeze":
+    if attn_implementation == FUSED_ATTENTION:
         from .integrations.attention import register
 
         register()
+    where_from, extra = source, {}
+    if isinstance(source, pathlib.Path) and source.is_file():  # a GGUF file: dequantized on every load
+        where_from, extra = source.parent, {"gguf_file": source.name}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as err:
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(where_from, **kwargs, **extra)
+            tokenizer = AutoTokenizer.from_pretrained(where_from, **extra)
+    except (OSError, ValueError) as err:
         if isinstance(source, pathlib.Path):
-            raise ValueError(f"model: folder '{source}' could not be loaded ({err}); {_allowed()}") from err
+            raise ValueError(f"model: '{source}' could not be loaded ({err}); {_allowed()}") from err
         raise ValueError(
             f"model: '{source}' is not a named model or local folder and could not be loaded from the "
             f"Hugging Face hub ({err}); named models are {sorted(NAMED_MODELS)}; hub ids need internet"
         ) from err
-    model.to(device)
+    model.to(where)
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -11,6 +11,7 @@ sensitivity per added bit is taken while the average bits/element stays within t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -53,6 +54,11 @@ def measure(
     from ..integrations.cache import SqueezedCache
 
     prefill = base.sink_tokens + prefill_tokens
+    if prefill_tokens < 1 or prefill >= ids.numel():
+        raise ValueError(
+            f"prefill_tokens: {prefill_tokens} with {base.sink_tokens} sinks leaves no scored token of the "
+            f"{ids.numel()} given; allowed: 1 to {ids.numel() - base.sink_tokens - 1}"
+        )
     exact = _score(model, ids, lambda: DynamicCache(config=model.config), prefill)
     probe = base.replace(key=None, value=None, residual_window=0, layer_overrides=())
     sens: Sensitivity = {"key": {}, "value": {}}
@@ -77,7 +83,15 @@ def measure(
 
 def allocate(sens: Sensitivity, spec_for: SpecFor, target_bits: float) -> dict[tuple[str, int], int]:
     """Bits per (kind, layer) with mean ``spec.bits_per_element`` <= ``target_bits`` (greedy)."""
+    if (
+        isinstance(target_bits, bool)
+        or not isinstance(target_bits, (int, float))
+        or not math.isfinite(target_bits)
+    ):
+        raise ValueError(f"target_bits: {target_bits!r}; allowed: a finite number of bits per element")
     choice = {(k, layer): min(bits) for k, per_layer in sens.items() for layer, bits in per_layer.items()}
+    if not choice:
+        raise ValueError("sens: no layer measured; allowed: sensitivities of at least one layer")
 
     def cost(kind: str, layer: int, bits: int) -> float:
         return spec_for(kind, layer, bits).bits_per_element

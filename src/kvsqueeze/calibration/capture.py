@@ -28,6 +28,10 @@ def capture(model: Any, token_ids: torch.Tensor, pre_rope: Rope | None = None) -
     """One forward of ``token_ids`` (tokens,) with an exact cache; its full-attention K/V."""
     from transformers import DynamicCache
 
+    if not isinstance(token_ids, torch.Tensor) or token_ids.ndim != 1 or token_ids.numel() == 0:
+        shape = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
+        raise ValueError(f"token_ids: {shape}; allowed: a tensor of shape (tokens,) with at least one token")
+
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(

@@ -13,10 +13,15 @@ For every quantized preset (its bundled calibration where one fits the model) on
 
 The recommendation is the safe preset with the lowest measured KL within the bits budget (ties: the
 fewer bits), so it never measures worse than another safe preset the budget allows.
+
+`check_inspection` is what `inspect_model` needs of its arguments (``kvsqueeze inspect`` runs it on
+its flags before it loads the model): every preset must have quantized at least one block of the
+prefilled text before the checked positions (`min_prefill_tokens`), or every KL would be 0.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -30,6 +35,53 @@ from .stats import layer_stats
 
 DECODE_TOKENS = 128
 CHUNK_TOKENS = 16
+
+
+def quantized_presets(model_config: Any) -> dict[str, CacheConfig]:
+    """Every quantized preset as `SqueezedCache` builds it for this model (a bundled calibration when
+    one fits), by name: what `inspect_model` measures."""
+    from ..integrations.cache import SqueezedCache
+
+    configs = {name: SqueezedCache(name, model_config).cache_config for name in PRESETS}
+    return {name: config for name, config in configs.items() if not config.is_exact}
+
+
+def min_prefill_tokens(configs: dict[str, CacheConfig]) -> int:
+    """The fewest prefilled tokens after which every config has packed (quantized) a block: its sinks,
+    then more than its residual window and at least one block (`SinkWindowPolicy`)."""
+    return max(
+        (c.sink_tokens + max(c.residual_window + 1, c.block_size) for c in configs.values()), default=1
+    )
+
+
+def check_inspection(
+    model_config: Any, num_tokens: int, max_bits: float | None, decode_tokens: int,
+    names: tuple[str, str, str] = ("token_ids", "max_bits", "decode_tokens"),
+) -> None:  # fmt: skip
+    """Raise ValueError naming ``names`` (the token count, ``max_bits``, ``decode_tokens``) unless
+    ``decode_tokens`` is a positive integer, ``num_tokens`` leaves `min_prefill_tokens` before them,
+    and ``max_bits`` (None: any) is a finite number some preset fits within on this model."""
+    tokens, bits, decode = names
+    if isinstance(decode_tokens, bool) or not isinstance(decode_tokens, int) or decode_tokens < 1:
+        raise ValueError(f"{decode}: {decode_tokens!r}; allowed: a positive integer (a number of tokens)")
+    configs = quantized_presets(model_config)
+    prefill = min_prefill_tokens(configs)
+    if num_tokens < prefill + decode_tokens:
+        raise ValueError(
+            f"{tokens}: {num_tokens} tokens leave {max(num_tokens - decode_tokens, 0)} to prefill before the "
+            f"{decode_tokens} checked ones ({decode}); every preset needs {prefill} prefilled tokens to quantize "
+            f"one block; allowed: at least {prefill + decode_tokens} tokens (or fewer {decode})"
+        )
+    if max_bits is None:
+        return
+    text = model_config.get_text_config(decoder=True)
+    least = min(c.bits_per_element(num_layers=text.num_hidden_layers) for c in configs.values())
+    number = isinstance(max_bits, (int, float)) and not isinstance(max_bits, bool)
+    if not (number and math.isfinite(max_bits) and max_bits >= least):
+        raise ValueError(
+            f"{bits}: {max_bits!r} leaves no preset to recommend; allowed: a number of bits/element >= "
+            f"{math.ceil(least * 1e4) / 1e4:g} (the smallest preset's on this model)"
+        )
 
 
 def exact_log_probs(model: Any, token_ids: torch.Tensor, decode_tokens: int = DECODE_TOKENS) -> torch.Tensor:
@@ -88,8 +140,9 @@ def inspect_model(
     """Per-layer stats of the keys and values of ``token_ids`` (tokens,), and for every quantized preset
     its risk on them and from the weights, its measured decode KL and top-1 agreement and its verdict;
     ``recommended``: `recommend` within ``max_bits``. Presets come sorted by measured KL."""
-    from ..integrations.cache import SqueezedCache
-
+    if not isinstance(token_ids, torch.Tensor) or token_ids.ndim != 1:
+        raise ValueError("token_ids: allowed: a tensor of shape (tokens,)")
+    check_inspection(model.config, token_ids.numel(), max_bits, decode_tokens)
     text = model.config.get_text_config(decoder=True)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     rope, _ = rope_for(text, head_dim)
@@ -100,10 +153,7 @@ def inspect_model(
     weights = {i: p.sample() for i, p in profiles.items() if i in data}
     reference = exact_log_probs(model, token_ids, decode_tokens)
     presets = {}
-    for name in PRESETS:
-        config = SqueezedCache(name, model.config).cache_config  # a bundled calibration when one fits
-        if config.is_exact:
-            continue
+    for name, config in quantized_presets(model.config).items():  # bundled calibrations when they fit
         risk = assess(data, config, rope)
         predicted = assess(weights, config, rope) if weights else None
         with warnings.catch_warnings():

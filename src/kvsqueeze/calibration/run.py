@@ -3,8 +3,13 @@
 The calibration slice is the LAST ``num_tokens`` tokens of the text (evaluation windows are taken
 from its start, so the two never overlap as long as the text holds more than
 ``num_tokens + evaluated tokens``); the file records the slice. The saved file is
-``{"config": <CacheConfig dict with layer_overrides>, "calibration": {...}}`` and
-`CacheConfig.load` (or any ``--kv``/``--methods`` accepting ``<file>.json``) reads it.
+``{"model": <model_fingerprint>, "config": <CacheConfig dict with layer_overrides>,
+"calibration": {...}}``; `CacheConfig.load` (or any ``--kv``/``--methods`` accepting
+``<file>.json``) reads its ``config``, which is exactly the config the calibration selected, with
+the ``"model"`` fingerprint as its ``model_fingerprint`` (refused on another model).
+
+`calibrate` checks its arguments (`checks`) before any forward; ``kvsqueeze calibrate`` runs the
+same checks on its flags before it loads the model.
 """
 
 from __future__ import annotations
@@ -30,6 +35,21 @@ from .allocation import (
     with_bits,
 )
 from .capture import capture
+from .checks import (
+    BITS_MENU,
+    NUM_TOKENS,
+    PREFILL_TOKENS,
+    SCORE_TOKENS,
+    Codebooks,
+    check_bits_menu,
+    check_keep_exact,
+    check_positive,
+    check_sizes,
+    check_target_bits,
+    effective_base,
+    model_fingerprint,
+    reused_calibration,
+)
 from .codebooks import fit_codebook
 from .stats import layer_stats
 
@@ -48,38 +68,47 @@ def calibrate(
     token_ids: torch.Tensor,
     base: CacheConfig,
     target_bits: float,
-    bits_menu: tuple[int, ...] = (2, 3, 4),
-    num_tokens: int = 1024,
-    prefill_tokens: int = 256,
-    score_tokens: int = 64,
+    bits_menu: tuple[int, ...] = BITS_MENU,
+    num_tokens: int = NUM_TOKENS,
+    prefill_tokens: int = PREFILL_TOKENS,
+    score_tokens: int = SCORE_TOKENS,
     log: Callable[[str], None] = print,
     reuse: dict | None = None,
 ) -> dict:
     """The calibration file's content for ``model`` (see module docstring).
 
     ``reuse``: the ``"calibration"`` entry of an earlier file with the same base, slice and bits;
-    its codebooks and sensitivities are taken as they are and only the allocation is redone (for
-    another ``target_bits``)."""
+    its codebooks and sensitivities (of the widths in ``bits_menu``) are taken as they are and only
+    the allocation is redone (for another ``target_bits``); ``prefill_tokens`` and ``score_tokens``
+    are not used, the file keeps the earlier sensitivity protocol."""
     if base.tokens is not None:
         if reuse is not None:
             raise ValueError("reuse: a token-policy calibration has no bit allocation to redo; allowed: None")
         return _calibrate_keep_exact(model, token_ids, base, num_tokens, prefill_tokens, score_tokens, log)
     if base.key is None or base.value is None or base.layer_overrides:
         raise ValueError("preset: calibration needs a base config with key and value specs and no overrides")
+    head_dim = model_fingerprint(model.config)["head_dim"]
+    check_bits_menu(bits_menu, base, head_dim)
+    if reuse is None:
+        check_sizes(num_tokens, prefill_tokens, score_tokens, base)
+    check_positive(num_tokens, "num_tokens")
+    base, note = effective_base(base, model.config)
+    if note:
+        log(note)
+    check_target_bits(target_bits, base, bits_menu)
     start, ids = _slice(token_ids, num_tokens)
     text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    rope, why = rope_for(text, head_dim) if base.pre_rope_keys else (None, "")
-    if base.pre_rope_keys and rope is None:
-        log(f"pre-RoPE keys unavailable ({why}); calibrating post-RoPE keys")
-        base = base.replace(pre_rope_keys=False)
+    rope = rope_for(text, head_dim)[0] if base.pre_rope_keys else None
+    reused = None if reuse is None else reused_calibration(reuse, bits_menu)
     got = capture(model, ids, rope)
     layers = sorted(got.keys)
+    if reused is not None and sorted(reused[0]["key"]) != layers:
+        raise ValueError(
+            f"reuse: its sensitivities cover layers {sorted(reused[0]['key'])}; this model's full-attention "
+            f"layers are {layers}; allowed: a calibration of this model"
+        )
     stats = {layer: layer_stats(got.keys[layer], got.values[layer]) for layer in layers}
-    codebooks: dict[str, dict[int, dict[int, tuple[float, ...]]]] = {"key": {}, "value": {}}
-    if reuse is not None and "codebooks" in reuse:
-        codebooks = {k: {int(layer): {int(b): tuple(v) for b, v in per.items()} for layer, per in d.items()}
-                     for k, d in reuse["codebooks"].items()}  # fmt: skip
+    codebooks: Codebooks = {"key": {}, "value": {}} if reused is None else reused[1]
     for kind, spec, rotated in (
         ("key", base.key, base.rotate_keys),
         ("value", base.value, base.rotate_values),
@@ -98,24 +127,29 @@ def calibrate(
         return with_bits(spec, bits, codebooks[kind].get(layer, {}).get(bits))
 
     needed = base.sink_tokens + prefill_tokens + score_tokens
-    if reuse is not None:
-        sens = {k: {int(layer): {int(b): v for b, v in d.items()} for layer, d in per.items()}
-                for k, per in reuse["sensitivity"].items()}  # fmt: skip
+    if reused is not None:
+        sens = reused[0]
+        protocol = reuse["sensitivity_protocol"]
     else:
         sens = measure(model, ids[:needed], base, spec_for, bits_menu, layers, prefill_tokens, progress=log)
+        protocol = (
+            f"one layer and tensor kind quantized at a time, {base.sink_tokens} sinks + {prefill_tokens} "
+            f"prefilled tokens all quantized (no residual window), mean KL(exact || quantized) of the next "
+            f"{score_tokens} predictions"
+        )
     choice = allocate(sens, spec_for, target_bits)
-    config = base.replace(layer_overrides=overrides(choice, spec_for))
+    fingerprint = model_fingerprint(model.config)
+    config = base.replace(layer_overrides=overrides(choice, spec_for), model_fingerprint=fingerprint)
     achieved = config.bits_per_element(num_layers=text.num_hidden_layers)
     return {
+        "model": fingerprint,
         "config": config.to_dict(),
         "calibration": {
             **_slice_record(model, token_ids, start, num_tokens),
             "target_bits_per_element": target_bits,
             "bits_per_element": achieved,
             "bits_menu": list(bits_menu),
-            "sensitivity_protocol": f"one layer and tensor kind quantized at a time, {base.sink_tokens} sinks + "
-            f"{prefill_tokens} prefilled tokens all quantized (no residual window), mean KL(exact || quantized) "
-            f"of the next {score_tokens} predictions",
+            "sensitivity_protocol": protocol,
             "sensitivity": {
                 k: {str(layer): {str(b): v for b, v in d.items()} for layer, d in per.items()}
                 for k, per in sens.items()
@@ -131,8 +165,15 @@ def calibrate(
 
 
 def _slice(token_ids: torch.Tensor, num_tokens: int) -> tuple[int, torch.Tensor]:
+    if token_ids.ndim != 1:
+        raise ValueError(
+            f"token_ids: shape {tuple(token_ids.shape)}; allowed: one row of ids, shape (tokens,)"
+        )
     if token_ids.numel() < num_tokens:
-        raise ValueError(f"--tokens: {num_tokens} exceeds the text's {token_ids.numel()} tokens")
+        raise ValueError(
+            f"num_tokens: {num_tokens} exceeds the text's {token_ids.numel()} tokens; "
+            f"allowed: 1 to {token_ids.numel()}"
+        )
     start = token_ids.numel() - num_tokens
     return start, token_ids[start:]
 
@@ -160,12 +201,9 @@ def _calibrate_keep_exact(
     log: Callable[[str], None],
 ) -> dict:
     """For a token-policy base: per-layer ``keep_exact`` fractions averaging the base's ``keep_exact``."""
+    check_keep_exact(base)
+    check_sizes(num_tokens, prefill_tokens, score_tokens, base)
     keep = base.tokens.keep_exact
-    if not isinstance(keep, float) or keep <= 0:
-        raise ValueError(
-            f"tokens.keep_exact: {keep!r}; calibrating a token policy spreads a keep_exact fraction "
-            "over layers, allowed: a fraction in (0, 1]"
-        )
     start, ids = _slice(token_ids, num_tokens)
     text = model.config.get_text_config(decoder=True)
     layers = list(range(text.num_hidden_layers))
@@ -177,8 +215,12 @@ def _calibrate_keep_exact(
         for layer, v in got.items():
             sens[layer] += v / probes
     per_layer = keep_exact_by_layer(sens, keep)
-    config = base.replace(tokens=replace(base.tokens, layer_keep_exact=per_layer))
+    fingerprint = model_fingerprint(model.config)
+    config = base.replace(
+        tokens=replace(base.tokens, layer_keep_exact=per_layer), model_fingerprint=fingerprint
+    )
     return {
+        "model": fingerprint,
         "config": config.to_dict(),
         "calibration": {
             **_slice_record(model, token_ids, start, num_tokens),
@@ -196,7 +238,7 @@ def _calibrate_keep_exact(
 
 
 def save(data: dict, path: str | Path, model_name: str, text_file: str) -> Path:
-    """Write a calibration file (the model and text recorded beside the config)."""
+    """Write a calibration file (the model name and text file recorded in its ``calibration``)."""
     data["calibration"] = {"model": model_name, "text_file": str(text_file), **data["calibration"]}
     return _write(data, path)
 

@@ -1,36 +1,68 @@
-"""What `kvsqueeze bench` prints and draws: the speed and capacity tables, the speed figure."""
+"""What `kvsqueeze bench` prints and draws: the speed and capacity tables, the speed figure.
+
+Tables fit the terminal without cutting a number or a method name: numbers never wrap, and the
+method column takes the width left (long names fold onto more lines, at least `MIN_METHOD_WIDTH`
+columns; when even that does not fit, the table is printed wider than the terminal, uncut).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from rich import box
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
-from .common import console
+from .common import console, out
 
 MIB = 2**20
+MIN_METHOD_WIDTH = 12
+FILE_WIDTH = 160  # columns of a table printed to a file or a pipe
+
+
+def new_table(title: str, columns: list[str]) -> Table:
+    """A compact table; the first column (method) folds, the others (numbers) never wrap."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=0)
+    table.add_column(columns[0], overflow="fold")
+    for name in columns[1:]:
+        table.add_column(name, justify="right", no_wrap=True)
+    return table
+
+
+def print_fitted(table: Table, width: int | None = None) -> None:
+    """Print ``table`` to stdout at ``width`` columns (the terminal's; `FILE_WIDTH` for a file), its
+    first column narrowed to what is left, never below `MIN_METHOD_WIDTH` nor cut."""
+    width = width or (out.width if out.is_terminal else FILE_WIDTH)
+    wide = Console(width=10_000)
+    method = table.columns[0]
+    natural = Measurement.get(wide, wide.options, table).maximum
+    method.width = 1
+    others = Measurement.get(wide, wide.options, table).maximum - 1
+    method.width = max(min(natural - others, width - others), min(natural - others, MIN_METHOD_WIDTH))
+    needed = max(width, others + method.width)
+    (out if out.is_terminal and needed <= out.width else Console(width=needed)).print(table)
 
 
 def speed_table(rows: list[dict], config: Any) -> Table:
     """One row per grid cell (medians); spread = (max - min) / median of the TPOT runs."""
-    table = Table(
-        title=f"kvsqueeze bench — {config.model} ({config.dtype}), {config.new_tokens} new tokens, "
-        f"median of {config.repeats}"
+    table = new_table(
+        f"kvsqueeze bench — {config.model} ({config.dtype}), {config.new_tokens} new tokens, "
+        f"median of {config.repeats}",
+        [
+            "method",
+            "batch",
+            "context",
+            "TTFT\ns",
+            "TPOT\nms",
+            "spread",
+            "decode\ntok/s",
+            "prefill\ntok/s",
+            "KV\nMiB",
+            "RSS +\nMiB",
+        ],
     )
-    for col in (
-        "method",
-        "batch",
-        "context",
-        "TTFT s",
-        "TPOT ms",
-        "spread",
-        "decode tok/s",
-        "prefill tok/s",
-        "KV MiB",
-        "peak RSS + MiB",
-    ):
-        table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
         runs = r["tpot_s_runs"]
         spread = (max(runs) - min(runs)) / r["tpot_s"]
@@ -50,27 +82,40 @@ def speed_table(rows: list[dict], config: Any) -> Table:
 
 
 def capacity_table(rows: list[dict], budget: str, model: str, dtype: str) -> Table:
-    """One row per method and batch size: longest context, bytes allocated vs predicted, +1 token."""
-    table = Table(title=f"Longest context whose KV cache fits {budget} — {model} ({dtype})")
-    for col in ("method", "batch", "max context", "allocated", "predicted", "of budget", "+1 token", "note"):
-        table.add_column(col, justify="left" if col in ("method", "note") else "right")
+    """One row per method and batch size: longest context, bytes allocated vs predicted, +1 token.
+    A context capped by the model's limit is marked ``(cap)``; skipped methods show ``skipped``."""
+    table = new_table(
+        f"Longest context whose KV cache fits {budget} — {model} ({dtype})",
+        [
+            "method",
+            "batch",
+            "max\ncontext",
+            "allocated\nbytes",
+            "predicted\nbytes",
+            "of\nbudget",
+            "+1 token\nbytes",
+        ],
+    )
+    capped = None
     for r in rows:
         if "skipped" in r:
-            table.add_row(r["method"], str(r["batch_size"]), "-", "-", "-", "-", "-", r["skipped"])
+            table.add_row(r["method"], str(r["batch_size"]), "skipped", "-", "-", "-", "-")
             continue
         same = "=" if r["predicted_bytes"] == r["allocated_bytes"] else "≠"
         nxt = r["next_allocated_bytes"]
-        note = f"capped by max_position_embeddings {r['max_position_embeddings']}" if r["capped"] else ""
+        if r["capped"]:
+            capped = r["max_position_embeddings"]
         table.add_row(
             r["method"],
             str(r["batch_size"]),
-            f"{r['max_context']:,}",
+            f"{r['max_context']:,}" + (" (cap)" if r["capped"] else ""),
             f"{r['allocated_bytes']:,}",
             f"{same} {r['predicted_bytes']:,}",
             f"{r['allocated_bytes'] / r['budget_bytes']:.1%}",
             "-" if nxt is None else f"{nxt:,} ({'exceeds' if nxt > r['budget_bytes'] else 'FITS'})",
-            note,
         )
+    if capped is not None:
+        table.caption = f"(cap): the model's context, {capped:,} tokens, is reached within the budget"
     return table
 
 
@@ -106,4 +151,4 @@ def plot_speed(rows: list[dict], path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    console.print(f"wrote {path}")
+    console.print(f"saved the figure to {path}")

@@ -1,11 +1,12 @@
 """What the subcommands share: the stderr console, table printing, a model's KV shape, and the
-checks of output paths and input text files that run before any work starts."""
+checks of output paths, input text files and model names that run before any work starts."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -53,23 +54,37 @@ def check_output_path(flag: str, path: str | Path | None) -> Path | None:
 
 def read_text_file(flag: str, path: str | Path) -> str:
     """The UTF-8 text of the file given to ``flag``. Raises ValueError naming the flag and the file
-    when it is missing, a directory, unreadable, not UTF-8 (binary or another encoding), or empty."""
-    file = Path(path)
-    if file.is_dir():
-        raise ValueError(f"{flag}: {str(path)!r} is a directory; allowed: a UTF-8 text file")
-    if not file.exists():
-        raise ValueError(f"{flag}: {str(path)!r} does not exist")
+    when it is missing, a directory, unreadable, not UTF-8 (binary or another encoding), or empty
+    (`eval.text.read_text_file`, shared with the Python API's `load_text`)."""
+    from ..eval.text import read_text_file as read
+
+    return read(flag, path)
+
+
+def load_model_config(flag: str, name: str) -> Any:
+    """The transformers config of the model given to ``flag`` (a named model, a local folder, a GGUF
+    file or a hub id), read without the weights. Raises ValueError naming the flag and the value
+    when `kvsqueeze.models.resolve_model` refuses it, a folder has no ``config.json``, or the config
+    cannot be read or is not a decoder language model's."""
+    from transformers import AutoConfig
+
+    from ..models import resolve_model
+
     try:
-        data = file.read_bytes()
-    except OSError as err:
-        raise ValueError(f"{flag}: {str(path)!r} cannot be read ({err.strerror})") from None
+        source = resolve_model(name)
+    except ValueError as err:
+        raise ValueError(f"{flag}: {str(err).removeprefix('model: ')}") from None
+    where, extra = source, {}
+    if isinstance(source, Path) and source.is_dir() and not (source / "config.json").is_file():
+        raise ValueError(f"{flag}: folder {name!r} has no config.json (not a saved model)")
+    if isinstance(source, Path) and source.is_file():  # a GGUF file
+        where, extra = source.parent, {"gguf_file": source.name}
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
+        config = AutoConfig.from_pretrained(where, **extra)
+        model_shape(config)
+    except Exception as err:  # transformers' OSError / ValueError / a config without decoder fields
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
         raise ValueError(
-            f"{flag}: {str(path)!r} is not UTF-8 text (byte {err.start}: {data[err.start : err.start + 1]!r}); "
-            "allowed: a UTF-8 text file (convert it, e.g. iconv -f latin1 -t utf-8)"
+            f"{flag}: {name!r} could not be read as a language model's config ({type(err).__name__}: {reason})"
         ) from None
-    if not text.strip():
-        raise ValueError(f"{flag}: {str(path)!r} holds no text (empty or whitespace only)")
-    return text
+    return config

@@ -1,62 +1,170 @@
-"""`kvsqueeze generate`: stream a completion through a squeezed cache, then print its bytes."""
+"""`kvsqueeze generate`: stream a completion through a squeezed cache, then print its bytes.
+
+Every flag is checked before the model loads (the prompt, the decoding flags, the KV flags of
+`kv_args`, the read path); the prompt's length against the model's context once it is tokenized,
+before anything is generated. The last lines name the config and the read path that really ran.
+"""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..config import PRESETS, TOKEN_PRESETS, CacheConfig, preset
-from .common import console
+from .common import console, load_model_config, read_text_file
+from .kv_args import KVChoice, add_kv_arguments, describe
+
+if TYPE_CHECKING:
+    from ..config import CacheConfig
 
 ATTN_PATHS = {"fused": "kvsqueeze", "reference": None}
+TEMPERATURE, TOP_P = 0.7, 0.9  # with --sample, when not given
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ..models import DEFAULT_MODEL
 
-    gen = sub.add_parser("generate", help="generate text with a squeezed KV cache, streaming tokens")
-    gen.add_argument("prompt", nargs="?", default="", help="the prompt (or use --prompt-file)")
-    gen.add_argument("--prompt-file", help="read the prompt from this file")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="named model, local folder or hub id")
-    gen.add_argument(
-        "--kv",
-        default="k4v2",
-        help=f"KV cache preset: {', '.join([*PRESETS, *TOKEN_PRESETS])}, or a config JSON",
+    gen = sub.add_parser(
+        "generate",
+        help="generate text with a squeezed KV cache, streaming tokens",
+        description="Generate text with a squeezed KV cache, streaming tokens, then print the cache's bytes.",
     )
+    gen.add_argument("prompt", nargs="?", help="the prompt (or --prompt-file; give one of them)")
+    gen.add_argument(
+        "--prompt-file",
+        metavar="PATH",
+        help="read the prompt from this UTF-8 text file (default: the PROMPT argument)",
+    )
+    gen.add_argument(
+        "--model", default=DEFAULT_MODEL, help="named model, local folder or hub id (default: %(default)s)"
+    )
+    add_kv_arguments(gen)
     gen.add_argument(
         "--attn",
         choices=ATTN_PATHS,
         help="read path: fused (attention on the packed codes, attn_implementation='kvsqueeze') or "
-        "reference (dequantize, then SDPA); refused when the preset cannot take it. Default: reference, "
-        "or fused for presets that score tokens by attention",
+        "reference (dequantize, then SDPA); refused when the config cannot take it (default: reference, "
+        "or fused for configs that score tokens by attention)",
     )
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not apply the chat template")
-    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=0.7)
-    gen.add_argument("--top-p", type=float, default=0.9)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens to generate, >= 1 (default: %(default)s)"
+    )
+    gen.add_argument(
+        "--no-chat",
+        dest="chat",
+        action="store_false",
+        help="do not apply the chat template (default: applied when the tokenizer has one)",
+    )
+    gen.add_argument(
+        "--sample", action="store_true", help="sample instead of greedy decoding (default: greedy)"
+    )
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        help=f"sampling temperature, > 0; needs --sample (default with --sample: {TEMPERATURE})",
+    )
+    gen.add_argument(
+        "--top-p",
+        type=float,
+        help=f"nucleus sampling: the smallest set of tokens of this probability mass, in (0, 1]; needs "
+        f"--sample (default with --sample: {TOP_P})",
+    )
+    gen.add_argument(
+        "--top-k",
+        type=int,
+        help="sample among the k most likely tokens, k >= 1; needs --sample (default: no top-k limit)",
+    )
+    gen.add_argument(
+        "--seed", type=int, help="random seed of the sampling, 0 .. 2**64-1; needs --sample (default: 0)"
+    )
     gen.set_defaults(func=run)
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """Greedy (``sample`` False) or sampling with these settings (``top_k`` 0: no top-k limit)."""
+
+    sample: bool = False
+    temperature: float = TEMPERATURE
+    top_p: float = TOP_P
+    top_k: int = 0
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Decoding:
+        """Checked flags: sampling flags without --sample, or out of range, are refused (ValueError)."""
+        given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+        if not args.sample:
+            if given:
+                flags = [SAMPLING_FLAGS[name] for name in given]
+                raise ValueError(
+                    f"{flags[0]}: {given[next(iter(given))]!r} is a sampling setting but decoding is greedy; "
+                    f"add --sample to sample (or drop {', '.join(flags)})"
+                )
+            return cls()
+        decoding = cls(True, **given)
+        t, p, k, seed = decoding.temperature, decoding.top_p, decoding.top_k, decoding.seed
+        if not (t > 0 and math.isfinite(t)):
+            raise ValueError(f"--temperature: {t!r} is not allowed; allowed: a finite number > 0, e.g. 0.7")
+        if not 0 < p <= 1:
+            raise ValueError(f"--top-p: {p!r} is not allowed; allowed: a probability in (0, 1], e.g. 0.9")
+        if "top_k" in given and k < 1:
+            raise ValueError(
+                f"--top-k: {k!r} is not allowed; allowed: an integer >= 1 (omit it for no limit)"
+            )
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"--seed: {seed!r} is not allowed; allowed: an integer in 0 .. 2**64-1")
+        return decoding
+
+    def generate_kwargs(self) -> dict:
+        """The decoding arguments of ``model.generate``: every sampling setting explicit (so that
+        neither the model's generation config nor transformers' defaults, e.g. top-k 50, add any)."""
+        if not self.sample:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+    def describe(self) -> str:
+        if not self.sample:
+            return "greedy decoding"
+        top_k = self.top_k or "off"
+        return f"sampling: temperature {self.temperature:g}, top-p {self.top_p:g}, top-k {top_k}, seed {self.seed}"
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt: the PROMPT argument or the text of --prompt-file (one of them, with some text)."""
+    if args.prompt is not None and args.prompt_file is not None:
+        raise ValueError(
+            f"--prompt-file: {args.prompt_file!r} given together with the prompt argument; give one of them"
+        )
+    if args.prompt_file is not None:
+        return read_text_file("--prompt-file", args.prompt_file)
+    if args.prompt is None:
+        raise ValueError("prompt: missing; give a PROMPT argument or --prompt-file PATH")
+    if not args.prompt.strip():
+        raise ValueError(f"prompt: {args.prompt!r} is empty or whitespace only; allowed: some text")
+    return args.prompt
+
+
 def run(args: argparse.Namespace) -> None:
+    prompt = read_prompt(args)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens: {args.max_new_tokens} is not allowed; allowed: an integer >= 1")
+    decoding = Decoding.from_args(args)
+    choice = KVChoice.from_args(args)
+    choice.check()  # before the model's config is read: what needs no model
+    kv = choice.resolve(load_model_config("--model", args.model))
+    attn = read_path(kv.config, args.attn, choice.label)
+
     import torch
     from transformers import TextStreamer
 
     from ..integrations.cache import SqueezedCache
+    from ..integrations.context import context_limit
     from ..models import load_model
 
-    # a preset name goes to the cache as a name: best-* then pick the bundled calibration of the model
-    source = args.kv
-    kv = CacheConfig.load(source) if source.endswith(".json") else preset(source)
-    if source.endswith(".json"):
-        source = kv
-    if args.prompt_file and not Path(args.prompt_file).is_file():
-        raise ValueError(f"prompt_file: {args.prompt_file!r} does not exist")
-    prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
-    if not prompt:
-        raise ValueError("prompt: empty; give a prompt argument or --prompt-file PATH")
-    attn = read_path(kv, args.attn, args.kv)
     model, tokenizer = load_model(args.model, attn_implementation=ATTN_PATHS[attn])
     if args.chat and tokenizer.chat_template:
         inputs = tokenizer.apply_chat_template(
@@ -67,45 +175,45 @@ def run(args: argparse.Namespace) -> None:
         )
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
-    from ..integrations.context import context_limit
-
     limit = context_limit(model.config.get_text_config(decoder=True))
-    total = inputs["input_ids"].shape[-1] + args.max_new_tokens
+    num_prompt = inputs["input_ids"].shape[-1]
+    total = num_prompt + args.max_new_tokens
     if limit.tokens and total > limit.tokens:
+        room = limit.tokens - num_prompt
+        allowed = f"--max-new-tokens <= {room}" if room >= 1 else "a shorter prompt"
         raise ValueError(
-            f"prompt: {inputs['input_ids'].shape[-1]} tokens + max_new_tokens {args.max_new_tokens} = {total} "
-            f"exceed the model's context of {limit.tokens} tokens ({limit.source})"
+            f"prompt: {num_prompt} tokens + --max-new-tokens {args.max_new_tokens} = {total} exceed the model's "
+            f"context of {limit.tokens} tokens ({limit.source}); allowed: {allowed}"
         )
-    cache = SqueezedCache.from_model(model, source)
-    if kv.tokens is not None:  # modality placeholders of the model's config; the rest is text
+    cache = SqueezedCache.from_model(model, kv.source)
+    if kv.config.tokens is not None:  # modality placeholders of the model's config; the rest is text
         from ..policies.roles import roles_from_ids
 
         cache.set_roles(roles_from_ids(inputs["input_ids"], model.config))
-    torch.manual_seed(args.seed)
+    torch.manual_seed(decoding.seed)
     with torch.inference_mode():
         model.generate(
             **inputs,
             cache=cache,
             max_new_tokens=args.max_new_tokens,
-            do_sample=args.sample,
-            temperature=args.temperature if args.sample else None,
-            top_p=args.top_p if args.sample else None,
-            top_k=None,
+            **decoding.generate_kwargs(),
             streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
             pad_token_id=tokenizer.pad_token_id,
         )
     report = cache.memory_report()
     ran = "fused" if cache.fused else "reference"  # what the cache's layers really did
     console.print(
-        f"[dim]KV cache ({args.kv}, {ran} path): {report.total_bytes:,} bytes for {report.num_tokens} tokens "
-        f"({report.bytes_per_token:,.0f} B/token, {report.ratio_to_fp16:.3f} of an fp16 cache)[/dim]"
+        f"[dim]KV cache ({kv.label}, {ran} path): {report.total_bytes:,} bytes for {report.num_tokens} tokens "
+        f"({report.bytes_per_token:,.0f} B/token, {report.ratio_to_fp16:.3f} of an fp16 cache)[/dim]",
+        highlight=False,
     )
+    console.print(f"[dim]{describe(cache.cache_config)}; {decoding.describe()}[/dim]", highlight=False)
 
 
 def read_path(kv: CacheConfig, asked: str | None, label: str) -> str:
     """The read path to run ``kv`` with: ``asked`` (the --attn flag) when given and possible, else its
     default (reference, or fused for token policies scoring by attention). ValueError naming --attn
-    before anything loads when the path cannot run this preset here."""
+    before anything loads when the path cannot run this config here."""
     allowed = kv.read_paths
     if asked is not None:
         kv.check_read_path(asked, "--attn", f"--kv {label}")

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from ..config import PRESET_NOTES, PRESETS, TOKEN_PRESETS, CacheConfig, preset, resolve_config
 from ..quant.spec import Axis, QuantSpec
-from .common import console, model_shape, print_table
+from .common import console, load_model_config, model_shape, print_table
 
 TABLE_WIDTH = 160  # when stdout is not a terminal
 
@@ -83,21 +83,16 @@ def resolve_for_model(name: str, model_config: Any) -> tuple[CacheConfig, dict]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from transformers import AutoConfig
+    from ..eval.report import config_sizes
 
-    from ..models import resolve_model
-
-    model_config = AutoConfig.from_pretrained(resolve_model(args.model))
+    model_config = load_model_config("--model", args.model)
     layers, heads, head_dim, _ = model_shape(model_config)
     fp16 = 2 * 2 * layers * heads * head_dim
     rows = []
     for name in PRESETS:
         cfg, row = resolve_for_model(name, model_config)
-        per_token = cfg.bytes_per_token(layers, heads, head_dim, exact_bytes=2)
         row |= {
-            "bits_per_element": cfg.bits_per_element(exact_bits=16, num_layers=layers),
-            "bytes_per_token": per_token,
-            "fraction_of_fp16": per_token / fp16,
+            **config_sizes(cfg, model_config),  # the sizes eval, demo and inspect show too
             "sink_tokens": cfg.sink_tokens,
             "residual_window": cfg.residual_window,
         }

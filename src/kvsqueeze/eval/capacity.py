@@ -182,12 +182,24 @@ def capacity_row(
     chunk_tokens: int = FILL_CHUNK_TOKENS,
 ) -> dict:
     """Longest context of ``method`` within ``budget_bytes`` at ``batch_size``, predicted and allocated."""
+    for name, value in (
+        ("batch_size", batch_size),
+        ("budget_bytes", budget_bytes),
+        ("chunk_tokens", chunk_tokens),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {value!r} must be an integer >= 1")
     shape = KVShape.from_config(model_config)
     dtype_bytes = torch.empty(0, dtype=dtype).element_size()
     row: dict[str, Any] = {"method": method.name, "batch_size": batch_size, "budget_bytes": budget_bytes}
     predict = predictor(method, shape, dtype_bytes, model_config)
     if predict is None:
-        return {**row, "skipped": "no size formula (its bytes depend on when its residual was flushed)"}
+        why = (
+            "its bytes depend on when its residual was flushed"
+            if "cache" in method.config
+            else "its token policy's bytes depend on the roles and scores of the tokens"
+        )
+        return {**row, "skipped": f"no size formula ({why})"}
     tokens = largest_fitting(lambda n: predict(n, batch_size), budget_bytes, shape.max_tokens)
     capped = tokens == shape.max_tokens
     cache = method.make_cache(ConfigOnly(model_config))

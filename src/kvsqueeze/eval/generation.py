@@ -46,8 +46,18 @@ def greedy_decode(
     """Prefill ``input_ids`` (1, prompt_tokens), then ``max_new_tokens`` greedy steps.
 
     With ``forced`` (max_new_tokens,), step i feeds ``forced[i]`` instead of the argmax, so that
-    ``argmax`` can be compared with another run position by position.
+    ``argmax`` can be compared with another run position by position. ValueError naming the
+    argument when ``input_ids`` is not one non-empty row, ``max_new_tokens`` < 1, or ``forced`` is
+    not ``max_new_tokens`` ids.
     """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids: shape {tuple(input_ids.shape)}; allowed: (1, prompt_tokens >= 1)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: {max_new_tokens!r} must be an integer >= 1")
+    if forced is not None and tuple(forced.shape) != (max_new_tokens,):
+        raise ValueError(
+            f"forced: shape {tuple(forced.shape)}; allowed: ({max_new_tokens},), one id per step"
+        )
     start = time.perf_counter()
     out = model(input_ids, cache=cache, use_cache=True)
     prefill = time.perf_counter() - start

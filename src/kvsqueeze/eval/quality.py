@@ -20,6 +20,8 @@ import torch
 
 from .methods import Method, resolve_method
 from .perplexity import StreamSpec, full_sequence_perplexity, streamed_perplexity
+from .quantized_reads import nothing_quantized_warning
+from .report import kv_shape, record_config
 
 STREAMING_TOLERANCE = 0.005
 """Largest allowed |streamed exact PPL / full-sequence PPL - 1| (0.5 %)."""
@@ -31,8 +33,17 @@ class QualityRow:
 
     Attributes:
         method: method name (``exact`` first).
-        bits_per_element: nominal stored bits per K/V element (see `Method`).
-        bytes_per_token: ``bits_per_element`` over all layers, keys and values, in bytes.
+        cache, config, read_path, options: what ran (`report.method_record`): the cache class, the
+            `CacheConfig` dict the cache held (None for transformers' caches), its read path, and
+            the options of a transformers cache.
+        bits_per_element, bytes_per_token: the sizes `kvsqueeze presets` shows for that config on
+            this model (`report.config_sizes`; transformers' caches: their nominal bits).
+        quantized_tokens: tokens the last forward of each window read quantized, the most any scored
+            prediction read (`quantized_reads`; with a token policy: tokens that left the exact sinks
+            and window); None for caches that keep every token exact (``exact``, ``none``). 0 for a
+            lossy method means its scores are the exact cache's: see ``warning``.
+        exact_tokens: tokens that last forward read exact (sinks, residual window, its own tokens).
+        warning: why the row says less than it seems (no quantized token was read), else None.
         ppl, ppl_stderr, num_scored: streamed perplexity, its standard error, scored tokens.
         delta_ppl_pct: ``100 * (ppl / exact_ppl - 1)``.
         kld_mean, kld_p99: mean and 99th percentile of the per-token KL(exact || method), nats.
@@ -40,12 +51,18 @@ class QualityRow:
         full_sequence_ppl, streaming_rel_diff: exact row only, the cache-free perplexity of the same
             windows and ``ppl / full_sequence_ppl - 1``.
         seconds: wall time of this row (the exact reference is re-streamed inside each method's row).
-        config: the method's configuration.
     """
 
     method: str
+    cache: str
+    config: dict | None
+    read_path: str | None
+    options: dict
     bits_per_element: float
     bytes_per_token: float
+    quantized_tokens: int | None
+    exact_tokens: int
+    warning: str | None
     ppl: float
     ppl_stderr: float
     num_scored: int
@@ -56,7 +73,6 @@ class QualityRow:
     full_sequence_ppl: float | None
     streaming_rel_diff: float | None
     seconds: float
-    config: dict
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,10 +80,29 @@ class QualityRow:
 
 def kv_elements_per_token(model_config: Any) -> int:
     """K and V elements stored per token over all layers: ``2 * num_layers * num_kv_heads * head_dim``."""
-    cfg = model_config.get_text_config(decoder=True)
-    num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * num_kv_heads * head_dim
+    num_layers, num_kv_heads, head_dim = kv_shape(model_config)
+    return 2 * num_layers * num_kv_heads * head_dim
+
+
+def _row_record(method: Method, model: Any, spec: StreamSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What ran (`Method.record`) and how many tokens of each window it quantized."""
+    record = method.record(model)
+    config = record_config(record)
+    chunk_sizes = [end - start for start, end in spec.chunk_bounds()]
+    quantized = method.quantized_tokens(config, chunk_sizes)
+    warning = None
+    if quantized == 0:
+        warning = nothing_quantized_warning(method.name, config, chunk_sizes, "window")
+    counts = {
+        "quantized_tokens": quantized,
+        "exact_tokens": spec.window_tokens - (quantized or 0),
+        "warning": warning,
+    }
+    fields = {
+        k: record[k]
+        for k in ("cache", "config", "read_path", "options", "bits_per_element", "bytes_per_token")
+    }
+    return fields, counts
 
 
 def evaluate_quality(
@@ -86,22 +121,24 @@ def evaluate_quality(
         spec: windowing and streaming of the text.
 
     Returns:
-        One `QualityRow` dict per method, exact first.
+        One `QualityRow` dict per method, exact first; each holds what ran (`Method.record`).
     """
     spec.windows(token_ids)  # fail on a too-short text before any forward
     exact = resolve_method("exact")
-    elements = kv_elements_per_token(model.config)
+    others = [m for m in methods if m.name != exact.name]
+    records = [_row_record(m, model, spec) for m in [exact, *others]]  # every cache builds before any forward
 
     start = time.perf_counter()
     streamed = streamed_perplexity(
         model, token_ids, exact.make_cache, spec, progress=progress, desc="exact (streamed)"
     )
     full = full_sequence_perplexity(model, token_ids, spec, progress=progress, desc="exact (full sequence)")
+    fields, counts = records[0]
     rows = [
         QualityRow(
             method=exact.name,
-            bits_per_element=exact.bits_per_element,
-            bytes_per_token=exact.bits_per_element * elements / 8,
+            **fields,
+            **counts,
             ppl=streamed.ppl,
             ppl_stderr=streamed.ppl_stderr,
             num_scored=streamed.num_scored,
@@ -112,12 +149,9 @@ def evaluate_quality(
             full_sequence_ppl=full.ppl,
             streaming_rel_diff=streamed.ppl / full.ppl - 1,
             seconds=time.perf_counter() - start,
-            config=exact.config,
         )
     ]
-    for method in methods:
-        if method.name == exact.name:
-            continue
+    for method, (fields, counts) in zip(others, records[1:], strict=True):
         start = time.perf_counter()
         result = streamed_perplexity(
             model,
@@ -131,8 +165,8 @@ def evaluate_quality(
         rows.append(
             QualityRow(
                 method=method.name,
-                bits_per_element=method.bits_per_element,
-                bytes_per_token=method.bits_per_element * elements / 8,
+                **fields,
+                **counts,
                 ppl=result.ppl,
                 ppl_stderr=result.ppl_stderr,
                 num_scored=result.num_scored,
@@ -143,7 +177,6 @@ def evaluate_quality(
                 full_sequence_ppl=None,
                 streaming_rel_diff=None,
                 seconds=time.perf_counter() - start,
-                config=method.config,
             )
         )
     return [row.to_dict() for row in rows]

@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 
 from .generation import greedy_decode
 from .methods import Method
+from .quantized_reads import nothing_quantized_warning
+from .report import record_config
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,20 @@ class RetrievalSpec:
                 raise ValueError(f"{field}={value!r} is not allowed; it must be an integer >= 1")
 
 
+def prompt_chunk_sizes(num_tokens: int, chunk_tokens: int) -> list[int]:
+    """Tokens of each forward of a ``num_tokens`` prompt in `answer_ids`: prefill chunks of
+    ``chunk_tokens``, then the last chunk (at most ``chunk_tokens``) that starts the answer."""
+    last = (num_tokens - 1) // chunk_tokens * chunk_tokens  # start of the last chunk
+    return [chunk_tokens] * (last // chunk_tokens) + [num_tokens - last]
+
+
+def check_prompts(tokenizer: Any, spec: RetrievalSpec, text_ids: torch.Tensor | None) -> None:
+    """Build one prompt of every length before any forward: a length too short for the task's
+    words, or a needle text too short for a length, fails here (ValueError naming the field)."""
+    for num_tokens in spec.lengths:
+        make_prompt(tokenizer, spec, num_tokens, spec.depths[0], 0, text_ids)
+
+
 def answer_ids(
     model: Any, input_ids: torch.Tensor, cache: Any, spec: RetrievalSpec, eos_ids: set[int]
 ) -> list[int]:
@@ -225,7 +241,7 @@ def answer_ids(
 
     Returns the ``spec.new_tokens`` greedy token ids, cut before the first id in ``eos_ids``.
     """
-    last = (input_ids.shape[1] - 1) // spec.chunk_tokens * spec.chunk_tokens  # start of the last chunk
+    last = input_ids.shape[1] - prompt_chunk_sizes(input_ids.shape[1], spec.chunk_tokens)[-1]
     with torch.inference_mode():
         for start in range(0, last, spec.chunk_tokens):
             chunk = input_ids[:, start : start + spec.chunk_tokens]
@@ -267,8 +283,10 @@ def evaluate_retrieval(
 
     Returns:
         One dict per (method, length, depth), in that nesting order: ``method``, ``length``, ``depth``,
-        ``num_trials``, ``num_correct``, ``accuracy``, ``mean_key_depth`` (measured key position / length),
-        ``seconds`` and ``trials`` (``seed``, ``key``, ``answer``, ``correct``, ``key_position``).
+        ``quantized_tokens`` and ``warning`` (`quantized_counts`), ``num_trials``, ``num_correct``,
+        ``accuracy``, ``mean_key_depth`` (measured key position / length), ``seconds`` and ``trials``
+        (``seed``, ``key``, ``answer``, ``correct``, ``key_position``). What each method ran is
+        `Method.record` (the command saves it beside the rows).
     """
     from ..integrations.context import context_limit
 
@@ -279,11 +297,19 @@ def evaluate_retrieval(
             f"lengths={list(spec.lengths)} is not allowed; length + new_tokens ({longest}) exceeds the "
             f"model's context of {limit.tokens} tokens ({limit.source})"
         )
+    check_prompts(tokenizer, spec, text_ids)
     eos = tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
     cells: dict[tuple[str, int, float], dict[str, Any]] = {
-        (m.name, n, d): {"method": m.name, "length": n, "depth": d, "seconds": 0.0, "trials": []}
-        for m in methods
+        (m.name, n, d): {
+            "method": m.name,
+            "length": n,
+            "depth": d,
+            **quantized_counts(m, record, n, spec),
+            "seconds": 0.0,
+            "trials": [],
+        }
+        for m, record in zip(methods, [m.record(model) for m in methods], strict=True)
         for n in spec.lengths
         for d in spec.depths
     }
@@ -317,12 +343,25 @@ def evaluate_retrieval(
     return [_summarize(cell) for cell in cells.values()]
 
 
+def quantized_counts(method: Method, record: dict[str, Any], num_tokens: int, spec: RetrievalSpec) -> dict:
+    """``quantized_tokens``: the tokens the last forward of a ``num_tokens`` trial (prompt chunks,
+    then the answer's greedy steps) reads quantized, the most any step of the answer reads (None for
+    caches that keep every token exact), and a ``warning`` when a lossy method read none."""
+    config = record_config(record)
+    chunk_sizes = prompt_chunk_sizes(num_tokens, spec.chunk_tokens) + [1] * (spec.new_tokens - 1)
+    quantized = method.quantized_tokens(config, chunk_sizes)
+    warning = None
+    if quantized == 0:
+        warning = nothing_quantized_warning(method.name, config, chunk_sizes, "trial")
+    return {"quantized_tokens": quantized, "warning": warning}
+
+
 def _summarize(cell: dict[str, Any]) -> dict[str, Any]:
     trials = cell["trials"]
     num_correct = sum(t["correct"] for t in trials)
     mean_position = sum(t["key_position"] for t in trials) / len(trials)
     return {
-        **{k: cell[k] for k in ("method", "length", "depth")},
+        **{k: cell[k] for k in ("method", "length", "depth", "quantized_tokens", "warning")},
         "num_trials": len(trials),
         "num_correct": num_correct,
         "accuracy": num_correct / len(trials),

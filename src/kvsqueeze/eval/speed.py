@@ -51,17 +51,25 @@ class BenchConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name, low in (("new_tokens", 2), ("repeats", 1), ("warmup", 0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"--{name.replace('_', '-')}: {value!r} must be an integer >= {low}")
         for name in ("methods", "contexts", "batch_sizes"):
             if not getattr(self, name):
                 raise ValueError(f"--{name.replace('_', '-')}: empty; give at least one value")
+        for name in ("contexts", "batch_sizes"):
+            values = getattr(self, name)
+            bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+            if bad:
+                raise ValueError(f"--{name.replace('_', '-')}: {bad} are not allowed; allowed: integers >= 1")
+            if len(set(values)) != len(values):
+                raise ValueError(f"--{name.replace('_', '-')}: {list(values)} repeat a value; give each once")
         repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
         if repeated:
             raise ValueError(f"--methods: {repeated} given more than once; give each method once")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype: {self.dtype!r} is not supported; allowed: {list(DTYPES)}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+        threads = self.threads
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(
                 f"--threads: {self.threads!r} must be an integer >= 1 (omit it for torch's default)"
             )

@@ -7,6 +7,7 @@ evaluation runs offline; :func:`load_hub_wikitext` is the online fallback for us
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +22,40 @@ def default_text_file() -> Path | None:
     return DEFAULT_TEXT_FILE if DEFAULT_TEXT_FILE.is_file() else None
 
 
-def load_text(path: str | Path) -> str:
+def read_text_file(flag: str, path: str | Path) -> str:
+    """The UTF-8 text of the file given to ``flag`` (a CLI flag or an argument name). Raises
+    ValueError naming the flag and the file when it is missing, a directory, unreadable, not UTF-8
+    (binary or another encoding), or empty or whitespace only."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ValueError(f"{flag}: {path!r} is not a file path; allowed: a UTF-8 text file")
+    file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"{flag}: {str(path)!r} is a directory; allowed: a UTF-8 text file")
+    if not file.exists():
+        raise ValueError(f"{flag}: {str(path)!r} does not exist")
+    try:
+        data = file.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{flag}: {str(path)!r} cannot be read ({err.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{flag}: {str(path)!r} is not UTF-8 text (byte {err.start}: {data[err.start : err.start + 1]!r}); "
+            "allowed: a UTF-8 text file (convert it, e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+    if not text.strip():
+        raise ValueError(f"{flag}: {str(path)!r} holds no text (empty or whitespace only)")
+    return text
+
+
+def load_text(path: str | Path, flag: str = "text_file") -> str:
     """Read a UTF-8 text file (line endings normalised to ``\\n``).
 
-    Raises ``ValueError`` naming ``text_file`` when the file is missing or holds only whitespace.
+    Raises ``ValueError`` naming ``flag`` and the file when it is missing, a directory, not UTF-8
+    or holds only whitespace (`read_text_file`).
     """
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(
-            f"text_file={str(path)!r} does not exist or is not a file; pass an existing text file"
-        )
-    text = file.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"text_file={str(path)!r} is empty; pass a file that contains text")
-    return text
+    return read_text_file(flag, path).replace("\r\n", "\n").replace("\r", "\n")
 
 
 def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:

@@ -245,7 +245,9 @@ class SqueezedCache(Cache):
                 )
             fused = False
         self.fused = fused
-        self.cache_config.check_model(num_kv_heads, head_dim, text_config.num_hidden_layers)
+        self.cache_config.check_model(
+            num_kv_heads, head_dim, text_config.num_hidden_layers, model_config=model_config
+        )
         model_fused = getattr(text_config, "_attn_implementation", None) == FUSED_ATTENTION
         if self.cache_config.needs_attention and not (fused and model_fused):
             raise ValueError(

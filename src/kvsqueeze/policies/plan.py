@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from ..quant.spec import QuantSpec, as_spec, from_fields
+from ..quant.spec import QuantSpec, as_spec, check_fraction, check_int, from_fields
 from .classes import Precision, precision
 from .importance import AttentionScore, KeyNormScore, KeyRangeScore
 from .roles import RolePolicy
@@ -46,7 +46,7 @@ def _layer_fractions(value: object) -> tuple[tuple[int, float], ...]:
         ) from None
     out = {}
     for layer, f in pairs:
-        if isinstance(layer, str) and layer.isdigit():
+        if isinstance(layer, str) and layer.isascii() and layer.isdigit():
             layer = int(layer)
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise ValueError(f"tokens.layer_keep_exact: layer {layer!r} must be an integer >= 0")
@@ -56,6 +56,22 @@ def _layer_fractions(value: object) -> tuple[tuple[int, float], ...]:
             raise ValueError(f"tokens.layer_keep_exact: layer {layer} repeats")
         out[layer] = float(f)
     return tuple(sorted(out.items()))
+
+
+def _check_roles(value: object) -> None:
+    """Raise ValueError naming ``tokens.roles`` unless ``value`` is a RolePolicy, a dict
+    {role: precision} or a sequence of (role, precision) pairs, all names strings."""
+    if isinstance(value, RolePolicy):
+        return
+    pairs = value.items() if isinstance(value, dict) else value
+    ok = isinstance(pairs, (list, tuple, type({}.items()))) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(n, str) for n in p) for p in pairs
+    )
+    if not ok:
+        raise ValueError(
+            f"tokens.roles: {value!r} must be a dict {{role: precision}} of names, e.g. "
+            "{'image': 'low', 'text': 'exact'}"
+        )
 
 
 def _budget(share: float | int, decided: int, used: int, available: int) -> int:
@@ -101,9 +117,12 @@ class TokenPolicy:
 
     def __post_init__(self) -> None:
         precision(self.default, "tokens.default")
+        _check_roles(self.roles)
         object.__setattr__(self, "roles", RolePolicy.from_value(self.roles))
-        if self.scorer not in SCORERS:
+        if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
             raise ValueError(f"tokens.scorer: {self.scorer!r} is unknown; allowed: {list(SCORERS)}")
+        check_int(self.observe_window, "tokens.observe_window", 1)
+        check_int(self.pool_size, "tokens.pool_size", 1)
         AttentionScore(self.observe_window, self.pool_size)
         for name in ("high_key", "high_value"):
             object.__setattr__(self, name, as_spec(getattr(self, name), f"tokens.{name}"))
@@ -113,16 +132,16 @@ class TokenPolicy:
         ):
             raise ValueError(f"tokens.keep_exact: {ke!r} must be a fraction in [0, 1] or a count >= 0")
         for name in ("keep_high", "evict"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"tokens.{name}: {value!r} must be a fraction in [0, 1]")
+            check_fraction(getattr(self, name), f"tokens.{name}")
         object.__setattr__(self, "layer_keep_exact", _layer_fractions(self.layer_keep_exact))
         per_layer = any(f for _, f in self.layer_keep_exact)
         if (ke or self.keep_high or self.evict or per_layer) and self.scorer == "none":
             raise ValueError(
                 "tokens.scorer: 'none' cannot rank tokens for keep_exact/keep_high/evict; allowed: knorm, attention"
             )
-        if self.exact_dtype is not None and self.exact_dtype not in EXACT_DTYPES:
+        if self.exact_dtype is not None and (
+            not isinstance(self.exact_dtype, str) or self.exact_dtype not in EXACT_DTYPES
+        ):
             raise ValueError(f"tokens.exact_dtype: {self.exact_dtype!r}; allowed: None, {list(EXACT_DTYPES)}")
 
     def for_layer(self, layer: int) -> TokenPolicy:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -108,7 +108,8 @@ class QuantSpec:
             raise ValueError(f"bits: {self.bits!r} is not supported for {self.format.value}; allowed: (8,)")
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
             raise ValueError(f"group_size: {self.group_size!r} must be a positive integer")
-        if self.scale_dtype not in SCALE_DTYPES:
+        check_bool(self.symmetric, "symmetric")
+        if not isinstance(self.scale_dtype, str) or self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(
                 f"scale_dtype: {self.scale_dtype!r} is not supported; allowed: {list(SCALE_DTYPES)}"
             )
@@ -131,8 +132,13 @@ class QuantSpec:
             raise ValueError(
                 f"codebook: given for format {self.format.value!r}; allowed only with format 'nf'"
             )
-        if not isinstance(self.codebook, (tuple, list)):
-            raise ValueError(f"codebook: {self.codebook!r} must be a list of {2**self.bits} floats")
+        numbers = isinstance(self.codebook, (tuple, list)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.codebook
+        )
+        if not numbers:
+            raise ValueError(
+                f"codebook: {self.codebook!r} must be a list of {2**self.bits} numbers in [-1, 1]"
+            )
         levels = tuple(float(v) for v in self.codebook)
         check_codebook(levels, self.bits)
         object.__setattr__(self, "codebook", levels)
@@ -252,21 +258,52 @@ class QuantSpec:
         return from_fields(cls, data, "QuantSpec")
 
 
-def from_fields(cls: type, data: dict, label: str) -> Any:
-    """``cls(**data)`` for the dataclass ``cls``; ValueError naming ``label`` and the allowed keys when
-    ``data`` has keys that are not its fields."""
+def from_fields(cls: type, data: object, label: str) -> Any:
+    """``cls(**data)`` for the dataclass ``cls``; ValueError naming ``label`` when ``data`` is not a
+    dict, has keys that are not its fields (listing the allowed ones) or misses a required one."""
     allowed = [f.name for f in fields(cls)]
-    unknown = set(data) - set(allowed)
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{label}: expected a dict (JSON object) of its fields {allowed}, got "
+            f"{type(data).__name__} {data!r:.80}"
+        )
+    unknown = sorted((k for k in data if k not in allowed), key=str)
     if unknown:
-        raise ValueError(f"{label}: unknown keys {sorted(unknown)}; allowed: {allowed}")
+        raise ValueError(f"{label}: unknown keys {unknown}; allowed: {allowed}")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ValueError(f"{label}: missing keys {missing}; required: {required}")
     return cls(**data)
 
 
 def as_spec(value: object, field: str) -> QuantSpec | None:
     """``value`` as a QuantSpec (given one, a dict of its fields, or None for exact); ValueError naming
-    ``field`` otherwise."""
+    ``field`` otherwise (and prefixing the messages of a bad dict's fields)."""
     if value is None or isinstance(value, QuantSpec):
         return value
     if isinstance(value, dict):
-        return QuantSpec.from_dict(value)
+        try:
+            return QuantSpec.from_dict(value)
+        except ValueError as err:
+            raise ValueError(f"{field}: {err}") from None
     raise ValueError(f"{field}: {value!r} must be a QuantSpec, a dict of its fields, or None (exact)")
+
+
+def check_int(value: object, field: str, minimum: int | None = None) -> None:
+    """Raise ValueError naming ``field`` unless ``value`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        allowed = {None: "an integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ValueError(f"{field}: {value!r} must be {allowed}")
+
+
+def check_bool(value: object, field: str) -> None:
+    """Raise ValueError naming ``field`` unless ``value`` is True or False (not 0, 1 or a string)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{field}: {value!r} must be True or False (JSON true/false)")
+
+
+def check_fraction(value: object, field: str, maximum: float = 1.0) -> None:
+    """Raise ValueError naming ``field`` unless ``value`` is a number (not a bool) in [0, ``maximum``]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= maximum:
+        raise ValueError(f"{field}: {value!r} must be a fraction in [0, {maximum:g}]")

@@ -9,42 +9,33 @@ config matches the file's fingerprint (`fingerprint`), else to the generic prese
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
 from ...config import CacheConfig
+from ...config_file import FINGERPRINT_FIELDS, fingerprint_diffs, read_json
+from ...config_file import model_fingerprint as fingerprint
+
+__all__ = ["FINGERPRINT_FIELDS", "bundled_config", "fingerprint"]
 
 HERE = Path(__file__).resolve().parent
-FINGERPRINT_FIELDS = (
-    "model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "vocab_size",
-)  # fmt: skip
-
-
-def fingerprint(model_config: Any) -> dict:
-    """The fields of a (text) config that identify a model's KV shape and weights family."""
-    text = model_config.get_text_config(decoder=True)
-    out = {f: getattr(text, f, None) for f in FINGERPRINT_FIELDS}
-    params = dict(getattr(text, "rope_parameters", None) or {})
-    out["rope_theta"] = params.get("rope_theta", getattr(text, "rope_theta", None))
-    return out
 
 
 @functools.cache
-def _files() -> tuple[tuple[str, str, dict], ...]:
+def _files() -> tuple[tuple[str, str], ...]:
+    """(preset name, path) of every bundled calibration file."""
     rows = []
     for path in sorted(HERE.glob("*.json")):
-        data = json.loads(path.read_text())
-        cal = data["calibration"]
-        rows.append((cal["preset"], str(path), cal["model_fingerprint"]))
+        data = read_json(path, "bundled calibration")
+        rows.append((data["calibration"]["preset"], str(path)))
     return tuple(rows)
 
 
 def bundled_config(name: str, model_config: Any) -> CacheConfig | None:
-    """The bundled calibrated config for preset ``name`` and this model, or None."""
-    fp = fingerprint(model_config)
-    for preset, path, want in _files():
-        if preset == name and want == fp:
-            return CacheConfig.load(path)
+    """The bundled calibrated config for preset ``name`` and this model (its fingerprint matches), or None."""
+    for preset, path in _files():
+        if preset == name:
+            config = CacheConfig.load(path)
+            if not fingerprint_diffs(config.model_fingerprint, model_config):
+                return config
     return None
