@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_llama
+from transformers import LlamaForCausalLM
 
 from kvsqueeze import SqueezedCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@functools.cache
 def tiny(head_dim: int = 64, kv_heads: int = 2, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=1024, bos_token_id=None,
-        eos_token_id=None, pad_token_id=0,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(head_dim=head_dim, num_key_value_heads=kv_heads, num_hidden_layers=layers)
 
 
 def kv(batch: int = 1, heads: int = 2, n: int = 3, dim: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

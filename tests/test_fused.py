@@ -316,7 +316,7 @@ def test_packed_view_is_light_until_touched() -> None:
     assert isinstance(k, PackedKV) and k.shape == (1, 2, 301, 64) and cache.workspace.nbytes == 0
     assert "PackedKV(keys" in repr(k)
     assert torch.equal((k * 1)[:, :, -1:], k.parts.new.key.values)  # any op dequantizes
-    assert cache.workspace.nbytes > 0
+    assert len(k.parts._dense) == 1  # into a buffer the parts hold while the attention reads them
 
 
 def test_fallback_without_kernels_warns_once_and_matches(monkeypatch) -> None:

@@ -171,7 +171,7 @@ def test_paged_store_widens_once_and_reports_its_bytes(spec: QuantSpec) -> None:
     first = _base(1)
     store.append(first)
     before = store.dequantize_into(torch.empty(B, H, T, D))
-    assert store.spec is spec and store.nbytes == B * 128 * spec.bytes_per_token(H, D)
+    assert store.spec is spec and store.nbytes == B * store.num_tokens * spec.bytes_per_token(H, D)
 
     with pytest.warns(MetadataOverflowWarning, match=r"layer 3 keys: .*70\d\d\d.*float16") as record:
         store.append(_with_offset(_base(2), "-70000"))
@@ -185,7 +185,7 @@ def test_paged_store_widens_once_and_reports_its_bytes(spec: QuantSpec) -> None:
     assert wide.scale_dtype == "float32" and wide.bits == spec.bits and wide.axis is spec.axis
     assert all(p.spec is wide and p.scale.dtype == torch.float32 for p in store.pages)
     assert store.nbytes == sum(t.numel() * t.element_size() for t in store.tensors())
-    assert store.nbytes == B * len(store.pages) * 128 * wide.bytes_per_token(H, D)
+    assert store.nbytes == B * store.num_tokens * wide.bytes_per_token(H, D)
     out = store.dequantize_into(torch.empty(B, H, 4 * T, D))
     assert torch.isfinite(out).all()
     assert torch.equal(out[:, :, :T], before)  # converting float16 metadata to float32 is exact

@@ -217,7 +217,8 @@ def test_a_window_inside_the_residual_window_warns_that_nothing_was_quantized(
     rows = {r["method"]: r for r in _json(out)["results"]}
     k4v4 = rows["k4v4"]
     assert k4v4["quantized_tokens"] == 0 and k4v4["exact_tokens"] == 128
-    assert k4v4["kld_mean"] == 0.0  # what the warning is about: the scores are the exact cache's
+    # what the warning is about: the scores are the exact cache's (up to the float16 exact parts)
+    assert abs(k4v4["kld_mean"]) < 1e-6
     assert "no forward read a quantized token" in k4v4["warning"] and "133 tokens" in k4v4["warning"]
     assert rows["none"]["quantized_tokens"] is None and rows["none"]["warning"] is None  # exact by design
     assert rows["exact"]["quantized_tokens"] is None and rows["exact"]["warning"] is None

@@ -8,11 +8,10 @@ greedy decoding with the same preset.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_llama
+from transformers import LlamaForCausalLM
 
 from kvsqueeze import SqueezedCache
 from kvsqueeze.attention.reference import Workspace, materialize
@@ -124,23 +123,8 @@ def test_crop_bad_counts_are_refused() -> None:
 # ------------------------------------------------------------------------------ through generate
 
 
-@functools.cache
-def tiny(seed: int, vocab: int = 128) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=1024,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
+def tiny(seed: int) -> LlamaForCausalLM:
+    return tiny_llama(seed)
 
 
 def prompt_ids(n: int) -> torch.Tensor:

@@ -9,24 +9,14 @@ from __future__ import annotations
 import warnings
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_llama
 
 from kvsqueeze import SqueezedCache
 from kvsqueeze.eval.generation import greedy_decode
 
 
-def tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-        bos_token_id=None, eos_token_id=None, pad_token_id=0,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
-
-
 def test_generate_and_manual_loop_raise_no_warning() -> None:
-    model = tiny()
+    model = tiny_llama()
     ids = torch.randint(1, 128, (1, 40))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config_file import Fingerprint, as_fingerprint, check_fingerprint, read_config_file
 from .policies import presses
 from .policies.plan import TokenPolicy
@@ -60,6 +62,16 @@ class LayerOverride:
         return from_fields(cls, data, label)
 
 
+EXACT_DTYPES = ("auto", "model", "float16", "bfloat16", "float32")
+
+
+def exact_storage_dtype(exact_dtype: str, model_dtype: torch.dtype, quantizes: bool) -> torch.dtype:
+    """The dtype exact parts are stored in, for ``CacheConfig.exact_dtype`` and the model's dtype."""
+    if exact_dtype == "auto":
+        return torch.float16 if quantizes and model_dtype == torch.float32 else model_dtype
+    return model_dtype if exact_dtype == "model" else getattr(torch, exact_dtype)
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """How a `SqueezedCache` stores keys and values.
@@ -90,6 +102,12 @@ class CacheConfig:
             (`TokenPolicy`: roles, importance, ``keep_exact``, ``evict``); None: every such token
             is packed with ``key``/``value``. Per-layer overrides set the low class of their layer;
             not combinable (yet) with rotations or pre-RoPE keys.
+        exact_dtype: dtype of the exact parts (sinks, residual window, tokens awaiting a flush):
+            ``"auto"`` (default) stores them in float16 when the model computes in float32 and the
+            config quantizes something (a 16-bit window costs half of a float32 one; a store whose
+            exact values leave the float16 range keeps the model's dtype, with a warning), and in
+            the model's dtype otherwise (so ``none`` reproduces DynamicCache exactly); ``"model"``,
+            ``"float16"``, ``"bfloat16"`` or ``"float32"`` force it.
         model_fingerprint: the model a calibrated config was made for (`config_file`; written by
             ``kvsqueeze calibrate``), as {field: value} of its transformers config; `check_model`
             with ``model_config`` refuses the config on another model. Empty: any model.
@@ -110,6 +128,7 @@ class CacheConfig:
     rotation_seed: int = 0
     layer_overrides: tuple[LayerOverride, ...] = ()
     tokens: TokenPolicy | None = None
+    exact_dtype: str = "auto"
     model_fingerprint: Fingerprint = ()
 
     def __post_init__(self) -> None:
@@ -144,6 +163,8 @@ class CacheConfig:
             or not (0 <= self.rotation_seed < 2**64)
         ):
             raise ValueError(f"rotation_seed: {self.rotation_seed!r} must be an integer in [0, 2**64)")
+        if self.exact_dtype not in EXACT_DTYPES:
+            raise ValueError(f"exact_dtype: {self.exact_dtype!r} is unknown; allowed: {list(EXACT_DTYPES)}")
         object.__setattr__(self, "layer_overrides", _overrides(self.layer_overrides))
         object.__setattr__(self, "model_fingerprint", as_fingerprint(self.model_fingerprint))
         layers = [o.layer for o in self.layer_overrides]
@@ -316,6 +337,8 @@ class CacheConfig:
         out["layer_overrides"] = [o.to_dict() for o in self.layer_overrides]
         if out["tokens"] is None:
             del out["tokens"]  # configs without a token policy keep their old dict form
+        if self.exact_dtype == "auto":
+            del out["exact_dtype"]  # the default keeps the old dict form
         if self.model_fingerprint:
             out["model_fingerprint"] = dict(self.model_fingerprint)
         else:

@@ -1,9 +1,9 @@
-"""Reference read path: dequantize one layer's history into a reusable workspace.
+"""Reference read path: dequantize one layer's history into transient buffers.
 
 `materialize` returns full-precision keys and values for the layer being computed, in
-sequence order ``[sinks | packed history | residual window | new tokens]``, as views into a
-`Workspace` shared by all layers of a cache. Any attention implementation can consume them.
-The views are valid until the next call for any layer (transformers consumes them at once).
+sequence order ``[sinks | packed history | residual window | new tokens]``, in buffers from the
+`Workspace` that live as long as the attention uses them. Any attention implementation can
+consume them.
 """
 
 from __future__ import annotations
@@ -15,33 +15,22 @@ from ..storage.layer import LayerStore
 
 
 class Workspace:
-    """Scratch (batch, kv_heads, capacity, head_dim) buffers for keys and values, grown by pages.
-
-    One layer's worth of full-precision K/V, reused by every layer; it is reported apart from
-    the cache's stored bytes because it does not grow with the number of layers.
-    """
-
-    def __init__(self, grow_tokens: int = 1024) -> None:
-        self.grow_tokens = grow_tokens
-        self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    """Where the reference path dequantizes one layer's history: (batch, kv_heads, tokens, head_dim)
+    key and value buffers allocated per read and freed once the attention is done with them, so
+    nothing context-sized outlives a forward (the cache holds only its packed and exact parts).
+    ``nbytes`` is 0: it holds nothing between reads."""
 
     def get(self, like: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key and value buffers of at least ``num_tokens`` tokens, shaped and typed like ``like``."""
+        """Key and value buffers of ``num_tokens`` tokens, shaped and typed like ``like``."""
         b, h, _, d = like.shape
-        key = (b, h, d, like.dtype, like.device)
-        held = self.buffers.get(key)
-        if held is None or held[0].shape[-2] < num_tokens:
-            cap = -(-num_tokens // self.grow_tokens) * self.grow_tokens
-            held = tuple(torch.empty(b, h, cap, d, dtype=like.dtype, device=like.device) for _ in range(2))
-            self.buffers[key] = held
-        return held[0][:, :, :num_tokens], held[1][:, :, :num_tokens]
+        return tuple(torch.empty(b, h, num_tokens, d, dtype=like.dtype, device=like.device) for _ in range(2))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.buffers.values() for t in pair)
+        return 0
 
     def clear(self) -> None:
-        self.buffers.clear()
+        """Nothing to free (kept for callers that reset a cache)."""
 
 
 def materialize(

@@ -204,7 +204,9 @@ def run(args: argparse.Namespace) -> None:
     ran = "fused" if cache.fused else "reference"  # what the cache's layers really did
     console.print(
         f"[dim]KV cache ({kv.label}, {ran} path): {report.total_bytes:,} bytes for {report.num_tokens} tokens "
-        f"({report.bytes_per_token:,.0f} B/token, {report.ratio_to_fp16:.3f} of an fp16 cache)[/dim]",
+        f"({report.bytes_per_token:,.0f} B/token, {report.ratio_to_fp16:.3f} of an fp16 cache)"
+        + (f"; per layer: {report.describe()}" if report.describe() else "")
+        + "[/dim]",
         highlight=False,
     )
     console.print(f"[dim]{describe(cache.cache_config)}; {decoding.describe()}[/dim]", highlight=False)

@@ -3,18 +3,18 @@
 Prediction, from each format's own size (``dtype_bytes``: the K/V dtype, the model's dtype):
 
 * exact (`DynamicCache`): ``2 * layers * batch * kv_heads * head_dim * dtype_bytes`` per token;
-* `SqueezedCache` (`CacheConfig`): per layer, the sink and residual-window buffers, each allocated
-  whole at its capacity once it holds a token, plus the packed history in whole pages of
-  ``page_tokens`` tokens at ``CacheConfig.bytes_per_token``. How many tokens are sinks, packed or in
-  the window is `SinkWindowPolicy.plan` for one update of all tokens: appending in whole blocks
-  reaches the same state, whatever the chunking.
+* `SqueezedCache` (`CacheConfig`): per layer, the sink buffer at its capacity once it holds a
+  token, the residual window sized to its tokens, both in the exact parts' storage dtype
+  (``CacheConfig.exact_dtype``: 16-bit for a float32 model that quantizes), plus the packed history
+  at ``CacheConfig.bytes_per_token`` per packed token (the last page grows with its tokens). How
+  many tokens are sinks, packed or in the window is `SinkWindowPolicy.plan` for one update of all
+  tokens: appending in whole blocks reaches the same state, whatever the chunking.
 
 Check: build the cache from the model's config, fill it to that length with random K/V through
 ``cache.update(k, v, layer_idx)``, layer by layer, in chunks (no model is run), compare its bytes
 with the prediction and the budget, then append one more token, which must exceed the budget
-(it opens a new page, or adds a token to an exact cache). That appended token's bytes match the
-prediction for ``num_tokens + 1`` except with no residual window (``residual_window`` 0), where the
-window buffer that held the partial block stays allocated after the block is packed. Models whose layers are not all full
+(it adds a token to the window or packs a block). That appended token's bytes match the
+prediction for ``num_tokens + 1``. Models whose layers are not all full
 attention are refused (their sliding-window layers' size depends on the fill's chunking).
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..config import PRESETS, CacheConfig
+from ..config import PRESETS, CacheConfig, exact_storage_dtype
 from ..policies.window import SinkWindowPolicy
 from .memory import cache_nbytes
 from .methods import Method
@@ -86,18 +86,19 @@ def exact_bytes(shape: KVShape, num_tokens: int, batch_size: int, dtype_bytes: i
 def squeezed_bytes(
     config: CacheConfig, shape: KVShape, num_tokens: int, batch_size: int, dtype_bytes: int
 ) -> int:
-    """Bytes of a `SqueezedCache` holding ``num_tokens`` tokens (see module docstring)."""
+    """Bytes of a `SqueezedCache` holding ``num_tokens`` tokens (see module docstring): the sink
+    buffer at its capacity once used, the window and the packed pages sized to their tokens, exact
+    parts in the storage dtype of ``CacheConfig.exact_dtype`` for a model of ``dtype_bytes``."""
     plan = SinkWindowPolicy(config.sink_tokens, config.residual_window, config.block_size).plan(
         0, 0, num_tokens
     )
     in_window = num_tokens - plan.to_sinks - plan.to_quantize
-    exact_tokens = (config.sink_tokens if plan.to_sinks else 0) + (
-        max(config.residual_window, config.block_size) if in_window else 0
-    )
-    pages = -(-plan.to_quantize // config.page_tokens)
+    exact_tokens = (config.sink_tokens if plan.to_sinks else 0) + in_window
+    model_dtype = {4: torch.float32, 2: torch.float16}.get(dtype_bytes, torch.float32)
+    exact_size = exact_storage_dtype(config.exact_dtype, model_dtype, not config.is_exact).itemsize
     per_token = config.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, dtype_bytes)
-    packed = round(pages * config.page_tokens * batch_size * per_token)
-    return exact_bytes(shape, exact_tokens, batch_size, dtype_bytes) + packed
+    packed = round(plan.to_quantize * batch_size * per_token)
+    return exact_bytes(shape, exact_tokens, batch_size, exact_size) + packed
 
 
 def predictor(

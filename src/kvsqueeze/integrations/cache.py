@@ -21,7 +21,7 @@ from transformers.cache_utils import (
 from ..attention.packed_view import packed_views
 from ..attention.parts import mixed_snapshot, snapshot
 from ..attention.reference import Workspace, materialize
-from ..config import CacheConfig, resolve_config
+from ..config import CacheConfig, exact_storage_dtype, resolve_config
 from ..storage.layer import LayerStore
 from ..storage.mixed import MixedLayerStore
 from ..storage.row_sinks import first_real_columns
@@ -90,6 +90,9 @@ class SqueezedLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        if isinstance(self.store, LayerStore):  # exact parts in 16 bits for a float32 model (exact_dtype)
+            quantizes = not self.config.is_exact
+            self.store.set_exact_dtype(exact_storage_dtype(self.config.exact_dtype, self.dtype, quantizes))
         self.is_initialized = True
 
     def update(

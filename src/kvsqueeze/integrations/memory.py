@@ -27,6 +27,23 @@ class MemoryReport:
     fp16_bytes: int
     workspace_bytes: int
     parts: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)  # one quantizing layer's tokens by part
+    exact_dtype: str = ""  # storage dtype of that layer's exact parts
+
+    def describe(self) -> str:
+        """Which tokens are exact and why, e.g. "4 sinks + 124 in the residual window exact (float16),
+        1920 packed" (empty for caches without a quantizing layer)."""
+        if not self.tokens:
+            return ""
+        exact = f"{self.tokens['sinks']} sinks + {self.tokens['window']} in the residual window exact"
+        dtype = f" ({self.exact_dtype})" if self.exact_dtype else ""
+        packed = self.tokens["packed"]
+        tail = (
+            f", {packed} packed"
+            if packed
+            else ", none packed yet (the sequence is shorter than sinks + window)"
+        )
+        return exact + dtype + tail
 
     @property
     def ratio_to_fp16(self) -> float:
@@ -45,9 +62,15 @@ class MemoryReport:
     @classmethod
     def from_cache(cls, cache: Any) -> MemoryReport:
         parts: dict[str, int] = {}
+        tokens: dict[str, int] = {}
+        exact_dtype = ""
         batch = 0
         for layer in cache.layers:
             store = getattr(layer, "store", None)
+            if store is not None and hasattr(store, "token_counts") and not tokens:
+                tokens = store.token_counts()
+                dtype = getattr(store, "exact_dtype", None)
+                exact_dtype = "" if dtype is None else str(dtype).removeprefix("torch.")
             if store is not None:
                 layer_parts, layer_batch = store.parts(), store.batch_size
             else:
@@ -56,6 +79,16 @@ class MemoryReport:
             for name, n in layer_parts.items():
                 parts[name] = parts.get(name, 0) + n
             batch = max(batch, layer_batch)
-        tokens = cache.get_seq_length()
-        fp16 = 2 * 2 * len(cache.layers) * cache.num_kv_heads * cache.head_dim * tokens * batch
-        return cls(tokens, batch, sum(parts.values()), fp16, cache.workspace.nbytes, parts)
+        fp16 = (
+            2 * 2 * len(cache.layers) * cache.num_kv_heads * cache.head_dim * cache.get_seq_length() * batch
+        )
+        return cls(
+            cache.get_seq_length(),
+            batch,
+            sum(parts.values()),
+            fp16,
+            cache.workspace.nbytes,
+            parts,
+            tokens,
+            exact_dtype,
+        )

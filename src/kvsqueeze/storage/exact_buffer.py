@@ -16,6 +16,7 @@ chunk and no chunk holds unused rows.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -29,13 +30,39 @@ class ExactBuffer:
     """Up to ``capacity`` tokens (None: unbounded, needs ``step``) of shape (batch, kv_heads, tokens,
     head_dim), kept exact."""
 
-    def __init__(self, capacity: int | None, step: int | None = None) -> None:
+    def __init__(
+        self, capacity: int | None, step: int | None = None, shrink: bool = True, name: str = "exact buffer"
+    ) -> None:
         if capacity is None and step is None:
             raise ValueError("ExactBuffer: an unbounded buffer needs a step")
         self.capacity = capacity
         self.step = step
+        self.shrink = shrink
+        self.name = name
+        self.dtype: torch.dtype | None = None  # storage dtype; None: the dtype of what is written
         self.data: torch.Tensor | None = None
         self.num_tokens = 0
+
+    def set_dtype(self, dtype: torch.dtype | None) -> None:
+        """Store tokens in ``dtype`` (e.g. float16 for a float32 model); held tokens are converted."""
+        self.dtype = dtype
+        if self.data is not None and dtype is not None and self.data.dtype != dtype:
+            self.data = self.data.to(dtype)
+
+    def _fit_dtype(self, x: torch.Tensor) -> None:
+        """Keep the input's dtype from now on when ``x`` leaves the storage dtype's finite range
+        (float16 holds +-65504): rounding it to inf would corrupt attention (warned once)."""
+        if self.dtype is None or self.dtype == x.dtype or not x.dtype.is_floating_point:
+            return
+        limit = torch.finfo(self.dtype).max
+        if x.numel() and bool((x.abs() > limit).any() & torch.isfinite(x).all()):
+            warnings.warn(
+                f"{self.name}: exact values up to {float(x.abs().max()):.4g} exceed {self.dtype} "
+                f"(max {limit:.4g}); keeping them in {x.dtype} from now on",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self.set_dtype(x.dtype)
 
     def view(self) -> torch.Tensor | None:
         """The held tokens (a view), or None when empty."""
@@ -50,7 +77,8 @@ class ExactBuffer:
     def _ensure(self, like: torch.Tensor, needed: int) -> torch.Tensor:
         if self.data is None or self.data.shape[2] < needed:
             b, h, _, d = like.shape
-            data = torch.empty(b, h, self._size_for(needed), d, dtype=like.dtype, device=like.device)
+            dtype = self.dtype or like.dtype
+            data = torch.empty(b, h, self._size_for(needed), d, dtype=dtype, device=like.device)
             if self.num_tokens:
                 data[:, :, : self.num_tokens].copy_(self.data[:, :, : self.num_tokens])
             self.data = data
@@ -62,6 +90,7 @@ class ExactBuffer:
         needed = self.num_tokens + n
         assert self.capacity is None or needed <= self.capacity, "exact buffer overflow"
         if n:
+            self._fit_dtype(x)
             self._ensure(x, needed)[:, :, self.num_tokens : needed].copy_(x)
             self.num_tokens = needed
 
@@ -69,7 +98,12 @@ class ExactBuffer:
         """Replace the held tokens by ``x`` (batch, kv_heads, n, head_dim)."""
         self.num_tokens = 0
         n = x.shape[-2]
-        if self.step is not None and self.data is not None and self.data.shape[2] > self._size_for(n):
+        if (
+            self.shrink
+            and self.step is not None
+            and self.data is not None
+            and self.data.shape[2] > self._size_for(n)
+        ):
             self.data = None  # shrink: reallocated at the new size below (or on the next append)
         self.append(x)
 

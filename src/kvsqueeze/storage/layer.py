@@ -16,6 +16,7 @@ equality holds anyway (the removed tokens were all exact and no block was flushe
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -40,13 +41,20 @@ class LayerStore:
     ) -> None:
         self.policy = SinkWindowPolicy(config.sink_tokens, config.residual_window, config.block_size)
         self.sink_k, self.sink_v = ExactBuffer(config.sink_tokens), ExactBuffer(config.sink_tokens)
+        # the window holds exactly its tokens (a reallocation of at most one window per step), so the
+        # bytes held are a function of the token count alone, short sequences included
         window_capacity = max(config.residual_window, config.block_size)
-        self.window_k, self.window_v = ExactBuffer(window_capacity), ExactBuffer(window_capacity)
+        self.window_k, self.window_v = (
+            ExactBuffer(window_capacity, step=1),
+            ExactBuffer(window_capacity, step=1),
+        )
         self.packed_k = PagedStore(config.key, config.page_tokens, key_transform, name=f"{name} keys")
         self.packed_v = PagedStore(config.value, config.page_tokens, value_transform, name=f"{name} values")
         # tokens not yet accepted while recording the past (empty otherwise)
         self.pending_k, self.pending_v = ExactBuffer(None, step=16), ExactBuffer(None, step=16)
         self.record_past = False
+        self.name = name
+        self.exact_dtype: torch.dtype | None = None  # None: the dtype of the incoming tokens
         self.row_sinks = RowSinks(config.sink_tokens)  # each row's first real tokens, if padded
 
     @property
@@ -70,12 +78,36 @@ class LayerStore:
     def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store new tokens ``key``, ``value`` (batch, kv_heads, n, head_dim); while recording the
         past they wait in ``pending`` until `settle`."""
+        key, value = self._to_exact(key), self._to_exact(value)
         self.row_sinks.append(key, value, self.num_tokens)
         if self.record_past:
             self.pending_k.append(key)
             self.pending_v.append(value)
             return
         self._place(key, value)
+
+    def set_exact_dtype(self, dtype: torch.dtype | None) -> None:
+        """Store every token in ``dtype`` from now on (``CacheConfig.exact_dtype``: float16 for a
+        float32 model); tokens are rounded to it before they are stored or quantized, so the packed
+        blocks do not depend on whether a token passed through the window."""
+        self.exact_dtype = dtype
+        for buf in (self.sink_k, self.sink_v, self.window_k, self.window_v, self.pending_k, self.pending_v):
+            buf.set_dtype(dtype)
+
+    def _to_exact(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact_dtype is None or x.dtype == self.exact_dtype:
+            return x
+        limit = torch.finfo(self.exact_dtype).max
+        if bool((x.abs() > limit).any()) and bool(torch.isfinite(x).all()):
+            warnings.warn(
+                f"{self.name}: exact keys/values up to {float(x.abs().max()):.4g} exceed {self.exact_dtype} "
+                f"(max {limit:.4g}); this layer keeps its exact tokens in {x.dtype} from now on",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            self.set_exact_dtype(x.dtype)
+            return x
+        return x.to(self.exact_dtype)
 
     def settle(self) -> None:
         """Accept the pending tokens: place them as an ordinary append would (a no-op when none)."""
@@ -143,6 +175,14 @@ class LayerStore:
             pending = new if held is None else torch.cat([held, new], dim=-2)
             packed.append(pending[:, :, : plan.to_quantize])
             window.assign(pending[:, :, plan.to_quantize :])
+
+    def token_counts(self) -> dict[str, int]:
+        """Tokens held, by part: ``sinks``, ``packed``, ``window`` (pending tokens included)."""
+        return {
+            "sinks": self.sink_k.num_tokens,
+            "packed": self.packed_k.num_tokens,
+            "window": self.window_k.num_tokens + self.pending_k.num_tokens,
+        }
 
     def parts(self) -> dict[str, int]:
         """Bytes held, by part."""

@@ -1,4 +1,5 @@
-"""`PagedStore`: one layer's packed keys (or values), in preallocated pages that grow one at a time.
+"""`PagedStore`: one layer's packed keys (or values), in pages of ``page_tokens`` tokens; the last
+page grows with its tokens (whole blocks), so the bytes held are the bytes of the tokens stored.
 
 A page holds ``page_tokens`` tokens in one format (`PackedTensor`, or `ExactTensor` when the spec
 is None). An optional `PageTransform` (pre-RoPE, rotation) is applied before quantization; the
@@ -48,11 +49,26 @@ class PagedStore:
         self.pages: list[Page] = []
         self.num_tokens = 0
 
-    def _new_page(self, like: torch.Tensor) -> Page:
+    def _new_page(self, like: torch.Tensor, tokens: int) -> Page:
         b, h, _, d = like.shape
         if self.spec is None:
-            return ExactTensor.empty(b, h, self.page_tokens, d, like.dtype, like.device)
-        return PackedTensor.empty(b, h, self.page_tokens, d, self.spec, like.device)
+            return ExactTensor.empty(b, h, tokens, d, like.dtype, like.device)
+        return PackedTensor.empty(b, h, tokens, d, self.spec, like.device)
+
+    def _room(self, like: torch.Tensor, page_idx: int, needed: int) -> Page:
+        """Page ``page_idx`` with room for ``needed`` tokens: the last page grows with its tokens
+        (whole blocks, up to ``page_tokens``), so a store holds the bytes of its tokens, not of a
+        page; earlier pages are full and never touched again."""
+        if page_idx == len(self.pages):
+            self.pages.append(self._new_page(like, needed))
+        page = self.pages[page_idx]
+        held = page.num_tokens
+        if held < needed:
+            grown = self._new_page(like, needed)
+            used = min(held, self.num_tokens - page_idx * self.page_tokens)
+            grown.slice_tokens(0, used).copy_(page.slice_tokens(0, used))
+            self.pages[page_idx] = page = grown
+        return page
 
     def _encode(self, x: torch.Tensor) -> Page:
         return ExactTensor(x) if self.spec is None else PackedTensor.from_float(x, self.spec)
@@ -67,10 +83,9 @@ class PagedStore:
         done = 0
         while done < x.shape[-2]:
             page_idx, offset = divmod(self.num_tokens, self.page_tokens)
-            if page_idx == len(self.pages):
-                self.pages.append(self._new_page(x))
             n = min(self.page_tokens - offset, x.shape[-2] - done)
-            self.pages[page_idx].slice_tokens(offset, offset + n).copy_(encoded.slice_tokens(done, done + n))
+            page = self._room(x, page_idx, offset + n)
+            page.slice_tokens(offset, offset + n).copy_(encoded.slice_tokens(done, done + n))
             done += n
             self.num_tokens += n
 
@@ -116,7 +131,7 @@ class PagedStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all pages, including the unused tail of the last page."""
+        """Bytes held by all pages (the last one holds just its tokens)."""
         return sum(page.nbytes for page in self.pages)
 
     def tensors(self) -> list[torch.Tensor]:

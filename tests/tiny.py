@@ -1,0 +1,38 @@
+"""Tiny random-weight Llama models built from a config (no download), shared by the tests.
+
+`tiny_llama(**overrides)`: 2 layers, 4 query heads, 2 KV heads, head_dim 64 (presets group 64
+channels), a 128-token vocabulary, no BOS/EOS (generation runs to max_new_tokens), pad id 0,
+seed ``seed`` (default 0), float32 unless ``dtype`` is given; ``attn`` switches it to another
+attention implementation (``"kvsqueeze"``: the fused read path). Cached per arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+BASE = dict(
+    vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=64, max_position_embeddings=1024, bos_token_id=None,
+    eos_token_id=None, pad_token_id=0,
+)  # fmt: skip
+
+
+@functools.cache
+def _build(seed: int, dtype: torch.dtype, attn: str, overrides: tuple) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**BASE, **dict(overrides)})).eval().to(dtype)
+    if attn == "kvsqueeze":
+        from kvsqueeze.integrations.attention import use_fused_attention
+
+        use_fused_attention(model)
+    return model
+
+
+def tiny_llama(
+    seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "sdpa", **overrides: object
+) -> LlamaForCausalLM:
+    """The tiny Llama of this module with config ``overrides`` (e.g. ``head_dim=32``)."""
+    return _build(seed, dtype, attn, tuple(sorted(overrides.items())))
