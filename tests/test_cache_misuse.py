@@ -115,3 +115,33 @@ def test_from_model_refuses_what_is_not_a_model(model: object) -> None:
 def test_from_model_refuses_a_non_bool_fused(fused: object) -> None:
     with pytest.raises(ValueError, match=r"fused: .*allowed: None \(follow the model\), True or False"):
         SqueezedCache.from_model(tiny(), "k4v4", fused=fused)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        (torch.randn(1, 2, 3, 64).numpy(), torch.randn(1, 2, 3, 64), r"key_states is ndarray"),
+        ([[0.0]], torch.randn(1, 2, 3, 64), r"key_states is list"),
+        (
+            torch.ones(1, 2, 3, 64, dtype=torch.int64),
+            torch.ones(1, 2, 3, 64, dtype=torch.int64),
+            r"torch.int64 tensor",
+        ),
+        (
+            torch.randn(1, 2, 3, 64),
+            torch.randn(1, 2, 3, 64).half(),
+            r"key_states torch.float32 and value_states torch.float16",
+        ),
+    ],
+)
+def test_update_refuses_other_types_and_dtypes(key: object, value: object, match: str) -> None:
+    cache = SqueezedCache.from_model(tiny(), "k4v4")
+    with pytest.raises(ValueError, match=match):
+        cache.update(key, value, 0)
+
+
+def test_update_refuses_a_dtype_change() -> None:
+    cache = SqueezedCache.from_model(tiny(), "k4v4")
+    cache.update(*kv(), 0)
+    with pytest.raises(ValueError, match=r"layer 0 holds torch.float32"):
+        cache.update(torch.randn(1, 2, 3, 64).half(), torch.randn(1, 2, 3, 64).half(), 0)

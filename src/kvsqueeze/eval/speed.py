@@ -12,6 +12,7 @@ kernels, allocator growth).
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -69,9 +70,13 @@ class BenchConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype: {self.dtype!r} is not supported; allowed: {list(DTYPES)}")
         threads = self.threads
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        most = 4 * (os.cpu_count() or 1)
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= most
+        ):
             raise ValueError(
-                f"--threads: {self.threads!r} must be an integer >= 1 (omit it for torch's default)"
+                f"--threads: {self.threads!r} must be an integer from 1 to {most} (4 x the {most // 4} cores here; "
+                "omit it for torch's default)"
             )
 
     def check_context(self, max_tokens: int | None, source: str = "max_position_embeddings") -> None:

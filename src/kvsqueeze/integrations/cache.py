@@ -318,6 +318,16 @@ class SqueezedCache(Cache):
     ) -> None:
         expected = (self.num_kv_heads, self.head_dim)
         for name, x in (("key_states", key), ("value_states", value)):
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                kind = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"update: {name} is {kind}; allowed: a floating-point torch.Tensor")
+        if key.dtype != value.dtype or (layer.is_initialized and key.dtype != layer.dtype):
+            held = f", layer {index} holds {layer.dtype}" if layer.is_initialized else ""
+            raise ValueError(
+                f"update: key_states {key.dtype} and value_states {value.dtype}{held}; allowed: one dtype for the "
+                "whole cache (build a new cache for a model of another dtype)"
+            )
+        for name, x in (("key_states", key), ("value_states", value)):
             if x.dim() != 4 or (x.shape[1], x.shape[3]) != expected:
                 raise ValueError(
                     f"update: {name} of shape {tuple(x.shape)} for layer {index}; allowed: (batch, "
