@@ -252,3 +252,13 @@ def test_presets_json_prints_only_json() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["presets"] and done.stderr == ""
+
+
+def test_output_path_check_creates_nothing_and_names_a_file_parent(tmp_path) -> None:
+    from kvsqueeze.commands.common import check_output_path
+
+    (tmp_path / "empty.json").write_text("")
+    with pytest.raises(ValueError, match=r"--out: .* cannot be written: .*empty.json' is a file, not a directory"):
+        check_output_path("--out", tmp_path / "empty.json" / "x.json")
+    assert check_output_path("--out", tmp_path / "nd1" / "sub" / "q.json") == tmp_path / "nd1" / "sub" / "q.json"
+    assert not (tmp_path / "nd1").exists()  # the writer makes the folders, the check does not

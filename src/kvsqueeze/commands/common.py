@@ -33,17 +33,21 @@ def model_shape(model_config: object) -> tuple[int, int, int, int]:
 
 def check_output_path(flag: str, path: str | Path | None) -> Path | None:
     """Check, before any work starts, that the output file ``path`` given to ``flag`` can be written:
-    its folder exists (or can be made) and is writable, and the path is not a folder. Returns the
-    path (None passes through). Raises ValueError naming the flag, the value and why."""
+    its nearest existing folder is a writable directory (probed by writing a temporary file there;
+    no folder is created) and the path is not a folder. Returns the path (None passes through).
+    Raises ValueError naming the flag, the value and why."""
     if path is None:
         return None
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"{flag}: {str(path)!r} is a directory; allowed: a file path")
-    folder = target.parent
+    existing = target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the folders to make are made by the writer, not by this check
+    if not existing.is_dir():
+        raise ValueError(f"{flag}: {str(path)!r} cannot be written: {str(existing)!r} is a file, not a directory")
     try:  # probe by writing (permission bits say nothing for root, nor for /proc or read-only mounts)
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".kvsqueeze-probe-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".kvsqueeze-probe-"):
             pass
         if target.exists() and not os.access(target, os.W_OK):
             raise PermissionError(13, "Permission denied")
