@@ -258,7 +258,11 @@ def test_output_path_check_creates_nothing_and_names_a_file_parent(tmp_path) -> 
     from kvsqueeze.commands.common import check_output_path
 
     (tmp_path / "empty.json").write_text("")
-    with pytest.raises(ValueError, match=r"--out: .* cannot be written: .*empty.json' is a file, not a directory"):
+    with pytest.raises(
+        ValueError, match=r"--out: .* cannot be written: .*empty.json' is a file, not a directory"
+    ):
         check_output_path("--out", tmp_path / "empty.json" / "x.json")
-    assert check_output_path("--out", tmp_path / "nd1" / "sub" / "q.json") == tmp_path / "nd1" / "sub" / "q.json"
+    assert (
+        check_output_path("--out", tmp_path / "nd1" / "sub" / "q.json") == tmp_path / "nd1" / "sub" / "q.json"
+    )
     assert not (tmp_path / "nd1").exists()  # the writer makes the folders, the check does not

@@ -45,7 +45,9 @@ def check_output_path(flag: str, path: str | Path | None) -> Path | None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent  # the folders to make are made by the writer, not by this check
     if not existing.is_dir():
-        raise ValueError(f"{flag}: {str(path)!r} cannot be written: {str(existing)!r} is a file, not a directory")
+        raise ValueError(
+            f"{flag}: {str(path)!r} cannot be written: {str(existing)!r} is a file, not a directory"
+        )
     try:  # probe by writing (permission bits say nothing for root, nor for /proc or read-only mounts)
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".kvsqueeze-probe-"):
             pass
