@@ -29,9 +29,6 @@ class Workspace:
     def nbytes(self) -> int:
         return 0
 
-    def clear(self) -> None:
-        """Nothing to free (kept for callers that reset a cache)."""
-
 
 def materialize(
     store: LayerStore, key: torch.Tensor, value: torch.Tensor, workspace: Workspace
