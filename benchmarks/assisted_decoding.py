@@ -1,10 +1,12 @@
 """Assisted / speculative decoding with a squeezed cache (issue 11): same tokens as plain greedy?
 
     python benchmarks/assisted_decoding.py [--presets k4v4,int8,best-3bit] [--new-tokens 128]
-        [--repeats 3] [--lookup 10] [--draft-layers 8] [--text-file PATH]
+        [--repeats 3] [--lookup 10] [--draft-layers 8] [--prompts 3] [--instruction TEXT]
+        [--attn kvsqueeze] [--text-file PATH]
 
-For each preset and each of 3 prompts (a chat request to copy a WikiText-2 paragraph, ~250-400
-tokens, so the 128-token residual window flushes blocks during decoding), greedy decoding of
+For each preset and each of ``--prompts`` prompts (a chat request, by default to copy a WikiText-2
+paragraph, ~250-400 tokens, so the 128-token residual window flushes blocks during decoding and
+the first verification forward already reads quantized blocks), greedy decoding of
 ``--new-tokens`` tokens by the embedded SmolLM2-135M three ways, each with a fresh cache of the preset:
 
 * plain: ``generate(do_sample=False)``;
@@ -16,7 +18,9 @@ tokens, so the 128-token residual window flushes blocks during decoding), greedy
 
 Reports whether the assisted outputs equal plain greedy token for token (and the first position
 where they differ), and the time of each mode (median of ``--repeats``) with the speed-up over plain
-decoding. Methods run interleaved within a repeat. Prints a table, ends with one JSON line (also
+decoding. Methods run interleaved within a repeat. The model uses ``--attn`` (default
+``kvsqueeze``: the attention that shows each draft what plain decoding reads; with ``sdpa`` the
+drafts read the newest blocks exact and a `DraftReadsWarning` says so). Prints a table, ends with one JSON line (also
 saved under results/).
 """
 
@@ -86,6 +90,17 @@ def main() -> None:
     parser.add_argument(
         "--draft-layers", type=int, default=8, help="layers of the draft model (default: %(default)s)"
     )
+    parser.add_argument(
+        "--prompts", type=int, default=3, help="paragraphs, one prompt each (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--instruction",
+        default="Copy the following paragraph exactly:",
+        help="the request before each paragraph (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--attn", default="kvsqueeze", help="the model's attention implementation (default: %(default)s)"
+    )
     parser.add_argument("--text-file", type=Path, default=DEFAULT_TEXT, help="WikiText-2 raw test file")
     parser.add_argument("--out", type=Path, default=Path("results/assisted_decoding.json"))
     args = parser.parse_args()
@@ -93,11 +108,13 @@ def main() -> None:
         parser.error(f"--text-file: {args.text_file} is not a file")
     presets = [p for p in args.presets.split(",") if p]
 
-    model, tokenizer = load_model("smollm2-135m")
+    if args.prompts < 1:
+        parser.error(f"--prompts: {args.prompts}; allowed: 1 or more")
+    model, tokenizer = load_model("smollm2-135m", attn_implementation=args.attn)
     assistant = draft_model(args.draft_layers)
     prompts = []
-    for para in paragraphs(args.text_file, 3):
-        messages = [{"role": "user", "content": f"Copy the following paragraph exactly:\n\n{para}"}]
+    for para in paragraphs(args.text_file, args.prompts):
+        messages = [{"role": "user", "content": f"{args.instruction}\n\n{para}"}]
         prompts.append(
             tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -159,6 +176,7 @@ def main() -> None:
         "preset",
         "prompt",
         "tokens",
+        "new",
         "plain s",
         "lookup s",
         "lookup x",

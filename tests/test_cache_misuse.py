@@ -74,6 +74,19 @@ def test_reuse_for_a_new_prompt_without_reset_is_refused(preset: str) -> None:
     assert lengths(cache) == [32, 32]
 
 
+@pytest.mark.parametrize("prompt", [1, 20, 30, 52])
+def test_reuse_for_a_prompt_not_longer_than_the_cache_is_refused_clearly(prompt: int) -> None:
+    """generate treats the held tokens as the prompt's start: a prompt no longer than them leaves no
+    new token (transformers then fails reshaping an empty tensor) or starts before them."""
+    model = tiny()
+    cache = SqueezedCache.from_model(model, "k4v4")
+    with torch.no_grad():
+        model.generate(torch.randint(1, 128, (1, 50)), cache=cache, max_new_tokens=3, do_sample=False)
+        with pytest.raises(ValueError, match=r"call cache.reset\(\)"):
+            model.generate(torch.randint(1, 128, (1, prompt)), cache=cache, max_new_tokens=3, do_sample=False)
+    assert lengths(cache) == [52, 52]
+
+
 def test_a_cache_of_another_model_is_refused() -> None:
     cache = SqueezedCache.from_model(tiny(), "k4v4")
     other = tiny(head_dim=32)

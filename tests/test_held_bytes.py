@@ -102,3 +102,17 @@ def test_nothing_context_sized_outlives_a_forward() -> None:
 def test_exact_dtype_is_validated() -> None:
     with pytest.raises(ValueError, match=r"exact_dtype: 'float8' is unknown; allowed: \['auto', 'model'"):
         preset("k4v4").replace(exact_dtype="float8")
+
+
+@pytest.mark.parametrize("first", [torch.float16, torch.bfloat16])
+def test_exact_pages_widen_with_their_tokens_never_narrow(first: torch.dtype) -> None:
+    from kvsqueeze.storage.pages import PagedStore
+
+    store = PagedStore(None, 32)  # an exact class of a token-policy store
+    store.append(torch.ones(1, 1, 16, 4, dtype=first))
+    store.append(torch.full((1, 1, 16, 4), 70000.0))  # the store widened its exact dtype to float32
+    assert store.pages[0].values.dtype == torch.float32
+    assert store.pages[0].values[0, 0, -1, 0] == 70000.0 and store.pages[0].values[0, 0, 0, 0] == 1.0
+    store.append(torch.ones(1, 1, 16, 4, dtype=first))  # a narrower token does not narrow the pages
+    assert store.pages[0].values.dtype == torch.float32
+    assert store.nbytes == 48 * 4 * 4

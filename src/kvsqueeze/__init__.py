@@ -20,7 +20,10 @@ from typing import Any
 
 from .config import PRESETS, CacheConfig, QuantSpec, preset
 
-__all__ = ["PRESETS", "CacheConfig", "QuantSpec", "SqueezedCache", "load_model", "preset", "register"]
+__all__ = [
+    "PRESETS", "CacheConfig", "QuantSpec", "SqueezedCache", "load_model", "preset", "register",
+    "use_fused_attention",
+]  # fmt: skip
 __version__ = "0.1.0"
 
 
@@ -33,6 +36,10 @@ def __getattr__(name: str) -> Any:
         from .integrations.attention import register
 
         return register
+    if name == "use_fused_attention":
+        from .integrations.attention import use_fused_attention
+
+        return use_fused_attention
     if name == "load_model":
         from .models import load_model
 

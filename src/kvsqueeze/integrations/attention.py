@@ -56,14 +56,14 @@ max_length_q/_k          unpadded batches)                position_ids for packe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ..attention.dense import causal_mask, dense_attention
 from ..attention.fused import fused_attention, fused_backend
-from ..attention.packed_view import PackedKV, parts_of
+from ..attention.packed_view import parts_of
 
 NAME = "kvsqueeze"
 # Options with no effect on attention once the mask is built (see the table above).
@@ -213,8 +213,28 @@ def _fold_indices(
     return torch.where(keep, mask, torch.finfo(mask.dtype).min)
 
 
-def _dense(x: torch.Tensor) -> torch.Tensor:
-    return x.dense() if isinstance(x, PackedKV) else x
+def _reference(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    opts: AttentionOptions,
+    scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference path on dense ``key``, ``value``: transformers' SDPA function when it implements
+    every option, else `dense_attention`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if opts.sdpa_reads:
+        return sdpa_attention_forward(
+            module, query, key, value, opts.mask, dropout=opts.dropout, scaling=scale, is_causal=causal,
+            position_bias=opts.position_bias,
+        )  # fmt: skip
+    return dense_attention(
+        query, key, value, opts.mask, scale, causal, sinks=opts.sinks, softcap=opts.softcap,
+        position_bias=opts.position_bias, dropout=opts.dropout, need_weights=opts.need_weights,
+    )  # fmt: skip
 
 
 def kvsqueeze_attention(
@@ -231,30 +251,23 @@ def kvsqueeze_attention(
     """transformers attention function: query (batch, q_heads, q_len, head_dim), key and value
     (batch, kv_heads, kv_len, head_dim) -> ((batch, q_len, q_heads, head_dim), the weights (batch,
     q_heads, q_len, kv_len) when ``output_attentions`` asks for them, else None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     opts = attention_options(query, key, attention_mask, dropout, causal, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     parts = owner = parts_of(key)
-    if (
-        parts is not None and not parts.history
-    ):  # prefill of an empty cache: the reference path on the new tokens
+    if parts is not None and not parts.history and parts.drafts is None:
+        # prefill of an empty cache: the reference path on the new tokens
         key, value = parts.new.key.values, parts.new.value.values
         parts = None
-    backend = fused_backend(query.device) if parts is not None and opts.kernel_reads else None
+    kernel = parts is not None and parts.kernel and opts.kernel_reads
+    backend = fused_backend(query.device) if kernel else None
     if backend is not None:
         out = fused_attention(query, parts, opts.mask, scale, causal, backend, opts.sinks), None
-    elif opts.sdpa_reads:
-        out = sdpa_attention_forward(
-            module, query, _dense(key), _dense(value), opts.mask, dropout=opts.dropout, scaling=scale,
-            is_causal=causal, position_bias=opts.position_bias,
-        )  # fmt: skip
     else:
-        out = dense_attention(
-            query, _dense(key), _dense(value), opts.mask, scale, causal, sinks=opts.sinks, softcap=opts.softcap,
-            position_bias=opts.position_bias, dropout=opts.dropout, need_weights=opts.need_weights,
-        )  # fmt: skip
+        if parts is not None:  # dense, with the verification reads of assisted decoding (if any)
+            key, value, mask = parts.dense_inputs(opts.mask)
+            opts = replace(opts, mask=mask)
+        out = _reference(module, query, key, value, opts, scale, causal)
     if owner is not None:  # token policies score and settle the new tokens after the read
         owner.finish(query, scale)
     return out

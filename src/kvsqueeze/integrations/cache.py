@@ -8,6 +8,7 @@ window of tokens, so quantizing them saves little; `memory_report` lists their b
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from transformers.cache_utils import (
 )
 
 from ..attention.packed_view import packed_views
-from ..attention.parts import mixed_snapshot, snapshot
+from ..attention.parts import dense_parts, mixed_snapshot, snapshot
 from ..attention.reference import Workspace, materialize
 from ..config import CacheConfig, exact_storage_dtype, resolve_config
 from ..storage.layer import LayerStore
@@ -55,6 +56,47 @@ def _left_padded(position_ids: torch.Tensor | None, seen: int) -> bool:
     return found is not None and bool((found[0] & (found[1] + seen > 0)).any())
 
 
+@dataclass
+class ForwardShape:
+    """What the model's forward pre-hook (`SqueezedCache.from_model`) saw of the current forward:
+    ``tokens`` new tokens, of which the first ``chunk`` are read as one chunk (a prompt) and the rest
+    one by one (drafts under verification): transformers asks for the logits of the last
+    ``logits_to_keep`` tokens, which it then compares with the drafts."""
+
+    tokens: int | None = None
+    chunk: int | None = None
+
+    def chunk_for(self, tokens: int, held: int) -> int:
+        """The chunk of a forward of ``tokens`` new tokens over ``held`` stored ones: as noted by the
+        hook, else every token of the first forward (a prompt) and one token of later ones."""
+        if self.tokens == tokens and self.chunk is not None:
+            return self.chunk
+        return tokens if held == 0 else 1
+
+
+def _note_forward(module: Any, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: note the `ForwardShape` of a forward that uses a `SqueezedCache`. Raises
+    ValueError for a forward without new tokens over a non-empty cache (a cache reused without
+    `reset` for a prompt no longer than what it holds: the model would fail on an empty tensor)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if not isinstance(cache, SqueezedCache):
+        return
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    tokens = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else None
+    if tokens == 0 and cache.get_seq_length():
+        raise ValueError(
+            f"input_ids: no new tokens for a cache that already holds {cache.get_seq_length()}: generate "
+            "treats the cached tokens as the start of the prompt, and this prompt is not longer than them; "
+            "call cache.reset() before reusing the cache for another prompt (or pass a new cache)"
+        )
+    keep = kwargs.get("logits_to_keep")
+    known = tokens is not None and isinstance(keep, int) and 0 < keep <= tokens
+    cache.forward_shape.tokens = tokens
+    cache.forward_shape.chunk = tokens - keep + 1 if known else None
+
+
 class SqueezedLayer(CacheLayerMixin):
     """One full-attention layer: exact sinks, packed history, exact residual window.
 
@@ -77,15 +119,19 @@ class SqueezedLayer(CacheLayerMixin):
         fused: bool = False,
         transforms: tuple[PageTransform | None, PageTransform | None] = (None, None),
         name: str = "layer",
+        forward_shape: ForwardShape | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.workspace = workspace
+        self.forward_shape = forward_shape or ForwardShape()
         self.context = context or ContextLimit(None, "no limit given")
         self.fused = fused
         # token policies and transforms do not combine (CacheConfig rejects it)
         self.store = (
-            LayerStore(config, *transforms, name=name) if config.tokens is None else MixedLayerStore(config)
+            LayerStore(config, *transforms, name=name)
+            if config.tokens is None
+            else MixedLayerStore(config, name=name)
         )
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -93,6 +139,8 @@ class SqueezedLayer(CacheLayerMixin):
         if isinstance(self.store, LayerStore):  # exact parts in 16 bits for a float32 model (exact_dtype)
             quantizes = not self.config.is_exact
             self.store.set_exact_dtype(exact_storage_dtype(self.config.exact_dtype, self.dtype, quantizes))
+        else:  # token policies too: 16 bits also when they only evict (`MixedLayerStore.exact_dtype_for`)
+            self.store.set_exact_dtype(self.store.exact_dtype_for(self.dtype))
         self.is_initialized = True
 
     def update(
@@ -109,12 +157,18 @@ class SqueezedLayer(CacheLayerMixin):
             return self._update_mixed(key_states, value_states)
         self.store.row_sinks.observe(position_ids, self.store.num_tokens)
         self.store.settle()  # tokens of the last step are accepted (no crop came): place them first
+        drafts = None
+        if self.store.record_past and key_states.shape[-2] > 1:  # assisted decoding: a verification
+            chunk = self.forward_shape.chunk_for(key_states.shape[-2], self.store.num_tokens)
+            drafts = self.store.draft_reads(key_states, value_states, chunk)
         if self.fused:
-            parts = snapshot(self.store, key_states, value_states, self.workspace)
+            parts = snapshot(self.store, key_states, value_states, self.workspace, drafts)
             self.store.append(key_states, value_states)
             return packed_views(parts)
         keys, values = materialize(self.store, key_states, value_states, self.workspace)
         self.store.append(key_states, value_states)
+        if drafts is not None:  # read densely by the kvsqueeze attention, which shows each query its copy
+            return packed_views(dense_parts(keys, values, key_states.shape[-2], self.workspace, drafts))
         return keys, values
 
     def _update_mixed(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,6 +319,7 @@ class SqueezedCache(Cache):
                 warnings.warn(f"pre_rope_keys: falling back to post-RoPE keys: {why}", stacklevel=2)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.workspace = Workspace()
+        self.forward_shape = ForwardShape()
         self.context = context_limit(text_config)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         layers: list[CacheLayerMixin] = []
@@ -274,7 +329,13 @@ class SqueezedCache(Cache):
                 transforms = layer_transforms(layer_config, head_dim, self.rope)
                 layers.append(
                     SqueezedLayer(
-                        layer_config, self.workspace, self.context, fused, transforms, f"layer {index}"
+                        layer_config,
+                        self.workspace,
+                        self.context,
+                        fused,
+                        transforms,
+                        f"layer {index}",
+                        self.forward_shape,
                     )
                 )
             elif layer_type in EXACT_LAYER_TYPES:
@@ -380,6 +441,11 @@ class SqueezedCache(Cache):
 
         With a model whose attention implementation is ``"kvsqueeze"`` (and ``fused`` None or True)
         the layers take the fused path; the attention is registered first if it is not yet.
+
+        Assisted decoding (``assistant_model=…``, ``prompt_lookup_num_tokens=…``) then gives the
+        tokens of plain greedy decoding with this cache when the model's attention is ``"kvsqueeze"``:
+        a forward pre-hook on ``model`` (added once) tells the cache which new tokens of a forward are
+        drafts, and each draft reads what plain decoding would have read (`LayerStore.draft_reads`).
         """
         if getattr(model, "config", None) is None or not hasattr(model.config, "get_text_config"):
             raise ValueError(
@@ -388,6 +454,9 @@ class SqueezedCache(Cache):
             )
         cache = cls(config, model.config, fused)
         cache.warn_if_unsafe(model)
+        if isinstance(model, torch.nn.Module) and getattr(model, "_kvsqueeze_forward_hook", None) is None:
+            # assisted decoding: which new tokens of a forward are drafts (`ForwardShape`)
+            model._kvsqueeze_forward_hook = model.register_forward_pre_hook(_note_forward, with_kwargs=True)
         if cache.fused:
             from .attention import register
 

@@ -69,8 +69,8 @@ class MemoryReport:
             store = getattr(layer, "store", None)
             if store is not None and hasattr(store, "token_counts") and not tokens:
                 tokens = store.token_counts()
-                dtype = getattr(store, "exact_dtype", None)
-                exact_dtype = "" if dtype is None else str(dtype).removeprefix("torch.")
+            if store is not None and not exact_dtype and getattr(store, "exact_dtype", None) is not None:
+                exact_dtype = str(store.exact_dtype).removeprefix("torch.")
             if store is not None:
                 layer_parts, layer_batch = store.parts(), store.batch_size
             else:

@@ -96,7 +96,8 @@ class TokenPolicy:
         evict: least important tokens dropped, fraction in [0, 1].
         high_key, high_value: specs of the high class (None: exact).
         exact_dtype: dtype of every exact token this policy's store writes (sinks, window, exact
-            class); None keeps the model's dtype.
+            class); None defers to ``CacheConfig.exact_dtype`` (by default 16 bits for a float32
+            model once the policy quantizes or evicts).
         layer_keep_exact: per-layer ``keep_exact`` fractions, {layer: fraction} (``kvsqueeze
             calibrate`` fits them: the budget goes to the layers where quantization hurts most);
             layers not listed use ``keep_exact``. Stored as sorted (layer, fraction) pairs.

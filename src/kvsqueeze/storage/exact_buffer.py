@@ -157,6 +157,11 @@ class ExactChunks:
                 self.chunks.append(self.tail.data)
                 self.tail.clear()
 
+    def set_dtype(self, dtype: torch.dtype | None) -> None:
+        """Store new tokens in ``dtype`` (see `ExactBuffer.set_dtype`); the tail is converted, frozen
+        chunks keep their dtype (each is its own segment)."""
+        self.tail.set_dtype(dtype)
+
     def views(self) -> list[torch.Tensor]:
         """The held tokens, chunk by chunk (the tail last)."""
         tail = self.tail.view()

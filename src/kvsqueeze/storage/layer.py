@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +28,22 @@ from .exact_buffer import ExactBuffer
 from .pages import PagedStore
 from .row_sinks import RowSinks
 from .transform import PageTransform
+
+
+@dataclass(frozen=True)
+class DraftReads:
+    """Tokens some queries of one forward read quantized although the store still holds them exact.
+
+    ``column``: the stored column of the first of them; ``key``, ``value`` (batch, kv_heads, F,
+    head_dim): the F tokens as they read back from packed blocks (dequantized, transform undone), in
+    the new tokens' dtype; ``counts`` (q_len,) int64, non-decreasing: how many of the F tokens (from
+    the first on) query i reads quantized.
+    """
+
+    column: int
+    key: torch.Tensor
+    value: torch.Tensor
+    counts: torch.Tensor
 
 
 class LayerStore:
@@ -117,6 +134,33 @@ class LayerStore:
         self.pending_k.clear()
         self.pending_v.clear()
         self._place(pending_k, pending_v)
+
+    def draft_reads(self, key: torch.Tensor, value: torch.Tensor, chunk: int) -> DraftReads | None:
+        """What plain decoding reads quantized among the tokens this store still holds exact, for a
+        forward of new tokens ``key``, ``value`` (batch, kv_heads, n, head_dim) whose first ``chunk``
+        tokens are read as one chunk (a prompt: they see the store as it is) and the rest one by one
+        (drafts under verification: query i sees the store after ``i`` more tokens). None when no
+        block would be flushed before the last query. Call after `settle`, before `append`."""
+        n, held = key.shape[-2], self.num_tokens
+        base = self.packed_tokens_for(held)
+        counts = [0 if i < chunk else self.packed_tokens_for(held + i) - base for i in range(n)]
+        flushed = counts[-1]
+        if not flushed:
+            return None
+        # the exact tokens from the window's first column on: the window, then the new tokens as stored
+        new_k, new_v = (x if self.exact_dtype is None else x.to(self.exact_dtype) for x in (key, value))
+        window_k, window_v = self.window_k.view(), self.window_v.view()
+        if window_k is not None:
+            new_k, new_v = torch.cat([window_k, new_k], dim=-2), torch.cat([window_v, new_v], dim=-2)
+        column = self.policy.sink_tokens + base  # packing starts once the sinks are full
+        skip = self.policy.sink_tokens - self.sink_k.num_tokens  # new tokens that become sinks
+        region = slice(skip, skip + flushed)
+        return DraftReads(
+            column,
+            self.packed_k.preview(new_k[:, :, region], key.dtype),
+            self.packed_v.preview(new_v[:, :, region], value.dtype),
+            torch.tensor(counts, dtype=torch.int64, device=key.device),
+        )
 
     def packed_tokens_for(self, num_tokens: int) -> int:
         """Tokens the packed history holds after ``num_tokens`` tokens were appended, in any chunks."""

@@ -4,13 +4,20 @@ Held parts, each a list of segments for attention (order does not matter: keys a
 ``[sinks | exact class | high class | low class | residual window]`` plus, between a forward and
 the end of its attention, the forward's own new tokens (``pending``). A forward:
 
-1. `stash` keeps the new tokens pending (no copy when no ``exact_dtype`` cast is asked);
+1. `stash` keeps the new tokens pending, rounded to the exact dtype (no copy when they are in it);
 2. the attention reads the held segments plus the pending tokens; an attention scorer `observe`s
    the last queries (fused path) and accumulates scores of the undecided tokens;
 3. `settle` moves the pending tokens into the window; whole blocks that leave it get their
    classes from the `TokenPolicy` and go, once, to their class store (or are dropped).
 
 ``num_seen`` counts every token ever stored (positions), ``num_tokens`` those held.
+
+Exact dtype (`set_exact_dtype`, as `LayerStore`): every token is rounded to it when it is stashed,
+so sinks, window, staging and the exact class hold it and packed blocks are quantized from it,
+whichever way a token went; a store whose exact values leave its range widens to theirs, with a
+warning. `exact_dtype_for` resolves ``CacheConfig.exact_dtype`` for a model: ``"auto"`` takes
+``tokens.exact_dtype`` when set, and 16 bits for a float32 model when the policy quantizes or
+evicts (a policy whose every class is exact keeps the model's dtype: it reproduces DynamicCache).
 """
 
 from __future__ import annotations
@@ -19,33 +26,35 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import CacheConfig
-from ..policies.classes import Precision, Role
+from ..config import CacheConfig, exact_storage_dtype
+from ..policies.classes import Precision, Role, precision
 from ..policies.plan import Counts, TokenPolicy
 from ..policies.window import SinkWindowPolicy
 from ..quant.exact import ExactTensor
 from .class_store import ClassStore, SegmentTuple
 from .exact_buffer import ExactBuffer
+from .layer import LayerStore
 
 
 class MixedLayerStore:
     """Keys and values of one layer, (batch, kv_heads, tokens, head_dim), by precision class."""
 
-    def __init__(self, config: CacheConfig) -> None:
+    def __init__(self, config: CacheConfig, name: str = "layer") -> None:
         assert config.tokens is not None
         self.tokens: TokenPolicy = config.tokens
-        self.dtype = getattr(torch, self.tokens.exact_dtype) if self.tokens.exact_dtype else None
+        self.name = name
+        self.exact_dtype_choice = config.exact_dtype  # CacheConfig.exact_dtype, see `exact_dtype_for`
+        # None: the dtype of the incoming tokens (until `set_exact_dtype`)
+        self.exact_dtype = getattr(torch, self.tokens.exact_dtype) if self.tokens.exact_dtype else None
         self.policy = SinkWindowPolicy(config.sink_tokens, config.residual_window, config.block_size)
         self.sink_k, self.sink_v = ExactBuffer(config.sink_tokens), ExactBuffer(config.sink_tokens)
         cap = max(config.residual_window, config.block_size)
         self.window_k, self.window_v = ExactBuffer(cap, step=1), ExactBuffer(cap, step=1)
         b = config.block_size
         self.classes = {
-            Precision.EXACT: ClassStore(None, None, b, b, self.dtype),
-            Precision.HIGH: ClassStore(
-                self.tokens.high_key, self.tokens.high_value, config.page_tokens, b, self.dtype
-            ),
-            Precision.LOW: ClassStore(config.key, config.value, config.page_tokens, b, self.dtype),
+            Precision.EXACT: ClassStore(None, None, b, b),
+            Precision.HIGH: ClassStore(self.tokens.high_key, self.tokens.high_value, config.page_tokens, b),
+            Precision.LOW: ClassStore(config.key, config.value, config.page_tokens, b),
         }
         self.key_scorer = self.tokens.key_scorer()
         self.attention_scorer = self.tokens.attention_scorer()
@@ -54,6 +63,7 @@ class MixedLayerStore:
         self.roles: torch.Tensor | None = None  # (batch, marked tokens) int8
         self.counts = Counts()
         self.num_seen = 0
+        self.set_exact_dtype(self.exact_dtype)
 
     @property
     def num_tokens(self) -> int:
@@ -71,8 +81,39 @@ class MixedLayerStore:
                 return buf.data.shape[0]
         return 0 if self.pending is None else self.pending[0].shape[0]
 
-    def _cast(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.dtype is None else x.to(self.dtype)
+    def set_exact_dtype(self, dtype: torch.dtype | None) -> None:
+        """Store every token in ``dtype`` from now on (see `LayerStore.set_exact_dtype`); held exact
+        tokens are converted (frozen chunks of the exact class keep theirs)."""
+        self.exact_dtype = dtype
+        for buf in (self.sink_k, self.sink_v, self.window_k, self.window_v):
+            buf.set_dtype(dtype)
+        for store in self.classes.values():
+            store.set_dtype(dtype)
+        if self.pending is not None and dtype is not None:
+            self.pending = (self.pending[0].to(dtype), self.pending[1].to(dtype))
+
+    # rounding to the exact dtype, widening with a RuntimeWarning on overflow: LayerStore's, shared
+    # (it reads ``exact_dtype`` and ``name`` and calls ``set_exact_dtype``, all defined here too)
+    _to_exact = LayerStore._to_exact
+
+    def exact_dtype_for(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The exact dtype of this store in a model computing in ``model_dtype`` (module docstring)."""
+        choice = self.exact_dtype_choice
+        if choice == "auto" and self.tokens.exact_dtype is not None:
+            choice = self.tokens.exact_dtype
+        return exact_storage_dtype(choice, model_dtype, self.lossy)
+
+    @property
+    def lossy(self) -> bool:
+        """Whether the policy can send a token to a packed class or evict it."""
+        t = self.tokens
+        used = {precision(t.default, "tokens.default")}
+        used |= {precision(p, "tokens.roles") for _, p in t.roles.rules}
+        if t.keep_high:
+            used.add(Precision.HIGH)
+        if t.evict:
+            used.add(Precision.EVICT)
+        return Precision.EVICT in used or any(not self.classes[c].exact for c in used - {Precision.EVICT})
 
     def segments(self) -> list[SegmentTuple]:
         """Held tokens (pending excluded) as (keys, values, num_tokens) segments."""
@@ -95,7 +136,7 @@ class MixedLayerStore:
     def stash(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Hold new ``key``, ``value`` (batch, kv_heads, n, head_dim) until `settle`."""
         assert self.pending is None, "stash twice without settle"
-        self.pending = (self._cast(key), self._cast(value))
+        self.pending = (self._to_exact(key), self._to_exact(value))
         self.num_seen += key.shape[-2]
         if self.attention_scorer is not None:
             b, h, n, _ = key.shape

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..kernels.dequantize import dequantize_into
 from ..quant.exact import ExactTensor
 from ..quant.overflow import MetadataOverflowWarning, metadata_amax
 from ..quant.packed import PackedTensor
@@ -77,6 +78,11 @@ class PagedStore:
         """Quantize and store ``x`` (batch, kv_heads, n, head_dim), n a whole number of blocks."""
         if self.transform is not None:
             x = self.transform.encode(x, self.num_tokens)
+        if self.spec is None and self.pages:  # exact pages share one dtype, widened by their tokens
+            wide = torch.promote_types(self.pages[0].values.dtype, x.dtype)
+            if wide != self.pages[0].values.dtype:
+                self.pages = [ExactTensor(page.values.to(wide)) for page in self.pages]
+            x = x.to(wide)
         encoded = self._encode(x)
         if isinstance(encoded, PackedTensor) and encoded.spec is not self.spec:
             self._widen(encoded)
@@ -88,6 +94,15 @@ class PagedStore:
             page.slice_tokens(offset, offset + n).copy_(encoded.slice_tokens(done, done + n))
             done += n
             self.num_tokens += n
+
+    def preview(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x`` (batch, kv_heads, n, head_dim), n whole blocks, as it reads back once appended here
+        (quantized, dequantized, transform undone), in ``dtype``; nothing is stored. What the assisted
+        decoding's verification reads for tokens plain decoding would already have quantized."""
+        encoded = self._encode(x if self.transform is None else self.transform.encode(x, self.num_tokens))
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        dequantize_into(encoded, out)
+        return self.restore_(out, self.num_tokens)
 
     def _widen(self, encoded: PackedTensor) -> None:
         """Switch to the (float32) metadata of ``encoded``, whose own metadata overflowed this spec."""
