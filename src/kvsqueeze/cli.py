@@ -7,7 +7,9 @@ kvsqueeze calibrate --model smollm2-135m --text-file wiki.txt --preset best-2bit
 kvsqueeze inspect --model smollm2-135m
 
 Exit codes: 0 done, 2 a refused input (argparse errors and ValueError, whose message names the
-flag), 1 an unexpected error (one line; ``KVSQUEEZE_DEBUG=1`` shows the traceback), 130 Ctrl-C.
+flag), 1 a run that could not finish (`commands.common.RunFailed`, or memory running out: its message
+says what to change) or an unexpected error (one line; ``KVSQUEEZE_DEBUG=1`` shows the traceback),
+130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from rich.markup import escape
 from .commands import bench, calibrate, demo, generate, presets
 from .commands import eval as eval_command
 from .commands import inspect as inspect_command
-from .commands.common import console
+from .commands.common import RunFailed, console
+from .commands.resources import is_out_of_memory
 
 SUBCOMMANDS = (generate, presets, demo, bench, eval_command, calibrate, inspect_command)
 DEBUG_SWITCH = "KVSQUEEZE_DEBUG"
@@ -104,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         console.print(f"[red]error:[/red] {escape(str(err))}")
         return 2
+    except RunFailed as err:  # a checked run that could not finish, for a reason the message gives
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # e.g. `kvsqueeze presets | head`: the reader left, nothing to say
@@ -112,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if os.environ.get(DEBUG_SWITCH, "").strip() not in ("", "0"):
             raise
+        if is_out_of_memory(err):  # not a bug to report: the run was too large for this machine
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            console.print(
+                f"[red]error:[/red] memory ran out ({escape(first)}); allowed: a smaller run (fewer or shorter "
+                "inputs, a smaller batch, fewer new tokens) or a machine with more memory",
+                soft_wrap=True,
+            )
+            return 1
         first = str(err).strip().splitlines()[0] if str(err).strip() else "(no message)"
         console.print(
             f"[red]error:[/red] unexpected {type(err).__name__}: {escape(first)}\n"

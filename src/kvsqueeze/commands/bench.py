@@ -4,10 +4,13 @@ kvsqueeze bench --methods exact,k4v4,quanto-int4 --contexts 512,2048,4096 --batc
 kvsqueeze bench --memory-budget 2GiB --methods exact,int8,k4v4,k2v2 --batch-sizes 1,16,64
 kvsqueeze bench --methods exact,k4v2 --kv k4v2 --kv-values int4:g32   # adds k4v2+values=int4:g32
 
-Every flag is checked before the model loads or anything is measured (output paths included);
-the flags of the speed grid are refused with ``--memory-budget``. Both modes print a table, save
-the JSON results (config, environment, every run, the config each method ran with) to ``--out``
-and end with one short JSON line on stdout: config, environment and the path of the results.
+Every flag is checked before the model loads or anything is measured (output paths included, and
+config files' model fingerprints); the flags of the speed grid are refused with ``--memory-budget``.
+A grid whose largest run, or a budget whose caches, cannot fit in the memory available here is
+refused up front with the largest value that fits (`resources`); memory running out during a run
+ends it with a message (`common.RunFailed`, exit code 1), the finished cells saved. Both modes print
+a table, save the JSON results (config, environment, every run, the config each method ran with) to
+``--out`` and end with one short JSON line on stdout: config, environment and the path of the results.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from .bench_view import capacity_table, plot_speed, print_fitted, speed_table
-from .common import check_output_path, console, load_model_config, read_text_file
+from .common import RunFailed, check_output_path, console, load_model_config, read_text_file
 from .kv_args import DEFAULT_KV, KVChoice, ResolvedKV, add_kv_arguments
+from .options import check_methods, parse_numbers, runnable_methods, split_list
+from .resources import check_capacity_memory, check_speed_memory, is_out_of_memory
 
 SPEED_BATCH_SIZES = "1,4"
 CAPACITY_BATCH_SIZES = "1,16,64"
@@ -104,21 +109,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--plot", metavar="PATH", help="PNG figure of the speed grid; speed only (default: --out with .png)"
     )
     bench.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="no progress bar (default: shown)"
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (default: a bar when stderr is a terminal, none in logs and pipes)",
     )
     bench.set_defaults(func=run)
-
-
-def parse_ints(text: str, field: str) -> tuple[int, ...]:
-    """Distinct positive integers from ``"512,2048"``; ValueError naming ``field`` otherwise."""
-    values = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part.isdigit() or int(part) < 1:
-            raise ValueError(f"{field}: {part!r} is not a positive integer; give e.g. 512,2048")
-        if int(part) in values:
-            raise ValueError(f"{field}: {int(part)} given more than once; give each value once")
-        values.append(int(part))
-    return tuple(values)
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -158,29 +154,6 @@ def kv_choice(args: argparse.Namespace) -> KVChoice | None:
         return None
     choice.check()
     return choice
-
-
-def resolve_available(names: str) -> tuple[list, list[str]]:
-    """(methods by name, names skipped): ValueError naming --methods when unknown; baselines whose
-    optional package is missing are skipped with a message."""
-    from ..eval.methods import baseline_available, resolve_methods
-
-    try:
-        methods = resolve_methods(names)
-    except ValueError as err:
-        raise ValueError(f"--methods: {err}") from err
-    kept, skipped = [], []
-    for method in methods:
-        is_baseline = method.config.get("cache") == "QuantizedCache"
-        ok, why = baseline_available(method.name) if is_baseline else (True, "")
-        if ok:
-            kept.append(method)
-        else:
-            skipped.append(method.name)
-            console.print(f"[yellow]{why}[/yellow]")
-    if not kept:
-        raise ValueError(f"--methods: none of {names!r} can run here (see the messages above)")
-    return kept, skipped
 
 
 def custom_method(label: str, kv: ResolvedKV) -> Any:
@@ -224,21 +197,31 @@ def run(args: argparse.Namespace) -> None:
     check_flags(args)
     budget = parse_size(args.memory_budget) if capacity else None
     default_batches = CAPACITY_BATCH_SIZES if capacity else SPEED_BATCH_SIZES
-    batch_sizes = parse_ints(args.batch_sizes or default_batches, "--batch-sizes")
-    contexts = None if capacity else parse_ints(args.contexts, "--contexts")
+    # an empty --batch-sizes is refused, not replaced by the default
+    batches = default_batches if args.batch_sizes is None else args.batch_sizes
+    batch_sizes = parse_numbers("--batch-sizes", batches, default_batches)
+    contexts = None if capacity else parse_numbers("--contexts", args.contexts, "512,2048")
     choice = kv_choice(args)
     out = check_output_path("--out", args.out or f"results/{'capacity' if capacity else 'bench'}.json")
     plot = None if capacity else check_output_path("--plot", args.plot or out.with_suffix(".png"))
     text = None if args.text_file is None else read_text_file("--text-file", args.text_file)
-    methods, skipped = resolve_available(args.methods)
+    named = split_list(args.methods)
+    repeated = sorted({name for name in named if named.count(name) > 1})
+    if repeated:  # as BenchConfig says it
+        raise ValueError(
+            f"--methods: {repeated} given more than once; give each method once, e.g. exact,k4v4"
+        )
+    methods, skipped = runnable_methods("--methods", args.methods)
     model_config = load_model_config("--model", args.model)
+    check_methods("--methods", methods, model_config, args.methods, args.model)
     if choice is not None:
-        extra = custom_method(choice.label, choice.resolve(model_config))
+        extra = custom_method(choice.label, choice.resolve(model_config, args.model))
         if extra.name in [m.name for m in methods]:
             raise ValueError(f"--methods: {extra.name!r} given twice (also built by the --kv flags)")
         methods.append(extra)
     configs = ran_configs(methods, model_config)
     if capacity:
+        check_capacity_memory(methods, model_config, args.dtype, batch_sizes, budget, args.memory_budget)
         run_capacity(args, methods, batch_sizes, model_config, skipped, budget, out, configs)
     else:
         run_speed(args, methods, batch_sizes, contexts, model_config, skipped, text, out, plot, configs)
@@ -279,6 +262,7 @@ def run_speed(
     )
     limit = context_limit(model_config.get_text_config(decoder=True))
     config.check_context(limit.tokens, limit.source)
+    check_speed_memory(methods, model_config, args.dtype, batch_sizes, contexts, args.new_tokens)
     ids = None
     if text_file is not None:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
@@ -296,10 +280,20 @@ def run_speed(
     set_threads(config.threads)
     extra = {"load_average_before": os.getloadavg(), "skipped_methods": skipped, "method_configs": configs}
 
+    finished: list[dict] = []
+
     def save_partial(rows: list[dict]) -> None:  # an interrupted grid keeps its finished cells
+        finished[:] = rows
         save_results(path, {**config.to_dict(), "mode": "speed"}, {"rows": rows, "complete": False, **extra})
 
-    rows = run_grid(config, methods, model_loader(args.model, args.dtype), ids, args.progress, save_partial)
+    try:
+        rows = run_grid(
+            config, methods, model_loader(args.model, args.dtype), ids, args.progress, save_partial
+        )
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        raise RunFailed(out_of_memory_message(err, config, len(finished) // len(methods), path)) from None
     extra["load_average_after"] = os.getloadavg()
     print_fitted(speed_table(rows, config))
     console.print(
@@ -324,13 +318,23 @@ def run_capacity(
     from tqdm.auto import tqdm
 
     from ..eval.capacity import capacity_row
+    from ..eval.progress import bar_disabled
     from ..eval.speed import DTYPES
 
     set_threads(args.threads)
     rows = []
     cells = [(m, b) for m in methods for b in batch_sizes]
-    for method, batch in tqdm(cells, desc="capacity", disable=not args.progress):
-        rows.append(capacity_row(method, model_config, budget, batch, DTYPES[args.dtype]))
+    for method, batch in tqdm(cells, desc="capacity", disable=bar_disabled(args.progress)):
+        try:
+            rows.append(capacity_row(method, model_config, budget, batch, DTYPES[args.dtype]))
+        except (MemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err):
+                raise
+            raise RunFailed(
+                f"--memory-budget: memory ran out filling {method.name} at batch size {batch} up to "
+                f"{args.memory_budget} ({(str(err).strip().splitlines() or [''])[0][:200]}); allowed: a smaller "
+                "--memory-budget"
+            ) from None
         if "skipped" in rows[-1] and batch == batch_sizes[0]:
             console.print(f"[yellow]{method.name}: skipped, {rows[-1]['skipped']}[/yellow]")
     print_fitted(capacity_table(rows, args.memory_budget, args.model, args.dtype))
@@ -338,6 +342,19 @@ def run_capacity(
     config.update(memory_budget=args.memory_budget, budget_bytes=budget, batch_sizes=batch_sizes)
     config.update(dtype=args.dtype, threads=args.threads)
     save(path, config, {"rows": rows, "skipped_methods": skipped, "method_configs": configs})
+
+
+def out_of_memory_message(err: BaseException, config: Any, cells_done: int, path: Path) -> str:
+    """What to say when memory ran out in the speed grid after ``cells_done`` finished cells (the
+    grid runs batch sizes outermost, contexts within): the cell, what failed, what was saved."""
+    cells = [(b, c) for b in config.batch_sizes for c in config.contexts]
+    batch, context = cells[min(cells_done, len(cells) - 1)]
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    saved = f"the {cells_done} finished cells are saved in {path}" if cells_done else "no cell finished"
+    return (
+        f"--batch-sizes/--contexts: memory ran out at batch size {batch}, context {context} ({reason}); "
+        f"{saved}; allowed: a smaller --batch-sizes or --contexts (or fewer --threads, another --dtype)"
+    )
 
 
 def set_threads(threads: int | None) -> None:

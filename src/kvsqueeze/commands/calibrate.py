@@ -23,7 +23,7 @@ import json
 from typing import Any
 
 from ..calibration import checks
-from .common import check_output_path, console, load_model_config, model_shape
+from .common import check_made_for, check_output_path, console, load_model_config, model_shape
 from .preflight import context_tokens, load_tokenizer, read_text
 
 POLICY_FLAGS = "--tokens, --prefill, --score, --text-file, --out"
@@ -143,6 +143,8 @@ def run(args: argparse.Namespace) -> None:
         from ..config import resolve_config
 
         base = resolve_config(args.preset, head_dim=head_dim)
+    if args.preset.endswith(".json"):
+        check_made_for("--preset", args.preset, base, model_config, args.model)
     try:
         base.check_model(heads, head_dim, layers, model_config=model_config)
     except ValueError as err:
@@ -199,14 +201,22 @@ def _base(preset: str) -> tuple[Any, bool]:
 
 def _parse_bits(text: str) -> tuple[int, ...]:
     """The widths of ``--bits`` (sorted, each once)."""
-    widths = []
+    widths: list[int] = []
     for part in text.split(","):
         try:
-            widths.append(int(part.strip()))
+            width = int(part.strip())
         except ValueError:
-            raise ValueError(f"--bits: {part.strip()!r} is not an integer; {checks.BITS_ALLOWED}") from None
-    bits = tuple(sorted(set(widths)))
-    checks.check_bits_menu(bits, name="--bits")
+            raise ValueError(
+                f"--bits: {part.strip()!r} is not an integer; {checks.BITS_ALLOWED}, e.g. 2,3,4"
+            ) from None
+        if width in widths:
+            raise ValueError(f"--bits: {width} given more than once; give each width once, e.g. 2,3,4")
+        widths.append(width)
+    bits = tuple(sorted(widths))
+    try:
+        checks.check_bits_menu(bits, name="--bits")
+    except ValueError as err:
+        raise ValueError(f"{err}, e.g. 2,3,4") from None
     return bits
 
 

@@ -1,5 +1,7 @@
-"""What the subcommands share: the stderr console, table printing, a model's KV shape, and the
-checks of output paths, input text files and model names that run before any work starts."""
+"""What the subcommands share: the stderr console, table printing, a model's KV shape, the checks of
+output paths, input text files, model names and config files (`check_made_for`: a calibrated
+config made for another model) that run before any work starts, and `RunFailed`, the error of a run
+that started and could not finish (exit code 1, its message only)."""
 
 from __future__ import annotations
 
@@ -94,3 +96,58 @@ def load_model_config(flag: str, name: str) -> Any:
             f"{flag}: {name!r} could not be read as a language model's config ({type(err).__name__}: {reason})"
         ) from None
     return config
+
+
+class RunFailed(Exception):
+    """A run that passed every check and failed while working, for a reason the message says and the
+    user can act on (e.g. memory ran out at a batch size): `cli.main` prints the message, exit code 1."""
+
+
+def _describe_fingerprint(fields: dict[str, Any]) -> str:
+    """A short description of a model's fingerprint, e.g. ``llama, 30 layers, hidden_size 576, 3 KV
+    heads x head_dim 64, vocab 49152``."""
+    parts = [str(fields["model_type"])] if fields.get("model_type") is not None else []
+    for name, label in (("num_hidden_layers", "{} layers"), ("hidden_size", "hidden_size {}")):
+        if fields.get(name) is not None:
+            parts.append(label.format(fields[name]))
+    heads, head_dim = fields.get("num_key_value_heads"), fields.get("head_dim")
+    if heads is not None or head_dim is not None:
+        parts.append(
+            f"{heads if heads is not None else '?'} KV heads x head_dim {head_dim if head_dim is not None else '?'}"
+        )
+    if fields.get("vocab_size") is not None:
+        parts.append(f"vocab {fields['vocab_size']}")
+    return ", ".join(parts) or "unrecorded fields"
+
+
+def check_made_for(
+    flag: str, file: str | Path, config: Any, model_config: Any, model: str | None = None
+) -> None:
+    """Refuse, before any weights load, the config file ``file`` given to ``flag`` (its `CacheConfig`
+    ``config``) when it was calibrated for another model than ``model_config`` (its
+    ``model_fingerprint``; a config without one passes). The message names the flag, the file, the
+    model the file was made for (its recorded name when the file has one) and the model given."""
+    from ..config_file import fingerprint_diffs, model_fingerprint, read_json
+
+    expected = dict(config.model_fingerprint)
+    diffs = fingerprint_diffs(config.model_fingerprint, model_config)
+    if not diffs:
+        return
+    made_for = None
+    try:  # a `kvsqueeze calibrate` file records the model's name in its calibration entry
+        data = read_json(file)
+        recorded = data.get("calibration", {}).get("model") if isinstance(data, dict) else None
+        made_for = recorded if isinstance(recorded, str) else None
+    except (ValueError, AttributeError):
+        pass
+    here = model_fingerprint(model_config)
+    given = f"--model {model!r}" if model else "the model given"
+    name = (
+        f"{made_for!r} ({_describe_fingerprint(expected)})" if made_for else _describe_fingerprint(expected)
+    )
+    again = f"kvsqueeze calibrate --model {model}" if model else "kvsqueeze calibrate --model <this model>"
+    raise ValueError(
+        f"{flag}: {str(file)!r} was calibrated for another model: {name}, not {given} "
+        f"({_describe_fingerprint(here)}); differs in {', '.join(diffs)}; allowed: a config calibrated for "
+        f"this model ({again}), a preset, or a config file without model_fingerprint"
+    )

@@ -1,4 +1,5 @@
-"""`kvsqueeze demo`: the main job — exact cache vs every preset on a long built-in prompt.
+"""`kvsqueeze demo`: the main job — the exact cache vs the plain quantization presets (`--presets`,
+default `eval.demo.DEFAULT_DEMO_PRESETS`: none, int8, fp8, k4v4, k4v2, k2v2) on a long built-in prompt.
 
 Every option is checked before the model loads; ``--json`` saves ``{"config", "environment",
 "results"}`` (`eval.report.save_results`) with each preset as what ran on the model
@@ -14,6 +15,7 @@ from .options import (
     check_methods,
     check_positive,
     load_weights,
+    split_list,
 )
 from .preflight import context_tokens, load_tokenizer
 from .row_table import method_label, print_rows, print_warnings
@@ -25,8 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     demo = sub.add_parser(
         "demo",
-        help="exact cache vs every preset on a long built-in prompt (offline)",
-        description="The exact cache vs each preset on a long built-in prompt: bytes, agreement, speed.",
+        help="exact cache vs the plain quantization presets on a long built-in prompt (offline)",
+        description="The exact cache vs each preset of --presets (by default the plain quantization presets; "
+        "best-*, token-policy presets and config files on request) on a long built-in prompt: bytes, "
+        "agreement, speed.",
     )
     demo.add_argument("--model", default=DEFAULT_MODEL, help="named model, local folder or hub id")
     demo.add_argument(
@@ -40,23 +44,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..config import PRESETS, TOKEN_PRESETS
     from ..eval.demo import demo_methods, demo_prompt, rows_to_dicts, run_demo
+    from ..eval.methods import FUSED_SUFFIX
     from ..eval.report import save_results
 
     check_positive("--new-tokens", args.new_tokens)
-    names = [p.strip() for p in args.presets.split(",") if p.strip()]
+    names = split_list(args.presets)
     if not names:
         raise ValueError(f"--presets: {args.presets!r} names no preset; give e.g. k4v4,k2v2")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ValueError(f"--presets: {args.presets!r} is not allowed; {repeated} appear more than once")
+        raise ValueError(
+            f"--presets: {args.presets!r} is not allowed; {repeated} appear more than once; give each once, "
+            "e.g. k4v4,k2v2"
+        )
+    allowed = (
+        f"allowed: comma-separated presets ({', '.join([*PRESETS, *TOKEN_PRESETS])}), <preset>{FUSED_SUFFIX} "
+        "or config .json files, e.g. k4v4,k2v2"
+    )
+    for name in names:
+        base = name.removesuffix(FUSED_SUFFIX)
+        if base not in PRESETS and base not in TOKEN_PRESETS and not base.endswith(".json"):
+            known = base == "exact" or "-int" in base  # a method of eval/bench, not a kvsqueeze preset
+            why = "is not a kvsqueeze preset" if known else "is unknown"
+            raise ValueError(f"--presets: {'' if known else 'method: '}{name!r} {why}; {allowed}")
     try:
         methods = demo_methods(names)
     except ValueError as err:
-        raise ValueError(f"--presets: {err}") from None
+        raise ValueError(f"--presets: {str(err).removeprefix('method: ')}") from None
     check_output_path("--json", args.json)
     model_config = load_model_config("--model", args.model)
-    check_methods("--presets", methods, model_config)
+    check_methods("--presets", methods, model_config, args.presets, args.model)
     tokenizer = load_tokenizer("--model", args.model)
     prompt_tokens = demo_prompt(tokenizer).shape[1]
     context, source = context_tokens(model_config)

@@ -27,6 +27,7 @@ from .options import (
     check_positive,
     flag_errors,
     load_weights,
+    parse_numbers,
     read_eval_text,
     runnable_methods,
 )
@@ -115,6 +116,9 @@ def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+QUALITY_EXAMPLES = {"--window": "2048", "--windows": "2", "--prefill": "256", "--chunk": "64"}
+
+
 def run_quality(args: argparse.Namespace) -> None:
     from ..eval.perplexity import StreamSpec
     from ..eval.plots import plot_quality
@@ -133,7 +137,7 @@ def run_quality(args: argparse.Namespace) -> None:
         "chunk_tokens": "--chunk",
         "score_second_half": "--second-half",
     }
-    with flag_errors(stream_flags):
+    with flag_errors(stream_flags, QUALITY_EXAMPLES):
         spec = StreamSpec(args.window, args.windows, args.prefill, args.chunk, args.second_half)
     check_outputs(args.out, args.plot)
     methods, skipped = runnable_methods("--methods", args.methods)
@@ -143,9 +147,9 @@ def run_quality(args: argparse.Namespace) -> None:
     if context and spec.window_tokens > context:
         raise ValueError(
             f"--window: {spec.window_tokens} is not allowed; the model's context is {context} tokens "
-            f"({context_source})"
+            f"({context_source}); allowed: at most {context}, e.g. --window {min(2048, context)}"
         )
-    check_methods("--methods", methods, model_config)
+    check_methods("--methods", methods, model_config, args.methods, args.model)
     token_ids = tokenize_text(load_tokenizer("--model", args.model), text)
     needed = spec.num_windows * spec.window_tokens
     if token_ids.numel() < needed:
@@ -222,18 +226,6 @@ def _print_quality(rows: list[dict], model: str, spec: Any) -> None:
     )
 
 
-def _parse_list(flag: str, value: str, kind: type) -> tuple:
-    try:
-        items = tuple(kind(item) for item in value.split(",") if item.strip())
-    except ValueError:
-        raise ValueError(
-            f"{flag}: {value!r} is not allowed; give comma-separated {kind.__name__} values"
-        ) from None
-    if not items:
-        raise ValueError(f"{flag}: {value!r} is not allowed; give at least one value")
-    return items
-
-
 RETRIEVAL_FLAGS = {
     "task": "--task",
     "lengths": "--lengths",
@@ -248,6 +240,15 @@ RETRIEVAL_FLAGS = {
 }
 
 
+RETRIEVAL_EXAMPLES = {
+    "--lengths": "1024,2048",
+    "--depths": "0.1,0.5,0.9",
+    "--seeds": "10",
+    "--new-tokens": "12",
+    "--chunk": "256",
+}
+
+
 def run_retrieval(args: argparse.Namespace) -> None:
     from ..eval.plots import plot_retrieval
     from ..eval.report import save_results
@@ -255,11 +256,13 @@ def run_retrieval(args: argparse.Namespace) -> None:
     from ..eval.text import tokenize_text
 
     started = time.perf_counter()
-    with flag_errors(RETRIEVAL_FLAGS):
+    with flag_errors(RETRIEVAL_FLAGS, RETRIEVAL_EXAMPLES):
         spec = RetrievalSpec(
             task=args.task,
-            lengths=_parse_list("--lengths", args.lengths, int),
-            depths=_parse_list("--depths", args.depths, float),
+            lengths=parse_numbers("--lengths", args.lengths, "1024,2048", echo=True),
+            depths=parse_numbers(
+                "--depths", args.depths, "0.1,0.5,0.9", float, 0, 1, echo=True, field="depth"
+            ),
             num_seeds=args.seeds,
             new_tokens=args.new_tokens,
             chunk_tokens=args.chunk,
@@ -283,12 +286,17 @@ def run_retrieval(args: argparse.Namespace) -> None:
         )
         raise ValueError(
             f"{flag}: {value} is not allowed; the longest length {longest} + --new-tokens {spec.new_tokens} "
-            f"exceeds the model's context of {context} tokens ({context_source})"
+            f"exceeds the model's context of {context} tokens ({context_source}); allowed: "
+            + (
+                f"lengths up to {context - spec.new_tokens}"
+                if flag == "--lengths"
+                else f"--new-tokens up to {context - longest}"
+            )
         )
-    check_methods("--methods", methods, model_config)
+    check_methods("--methods", methods, model_config, args.methods, args.model)
     tokenizer = load_tokenizer("--model", args.model)
     text_ids = None if text is None else tokenize_text(tokenizer, text)
-    with flag_errors(RETRIEVAL_FLAGS):
+    with flag_errors(RETRIEVAL_FLAGS, RETRIEVAL_EXAMPLES):
         check_prompts(tokenizer, spec, text_ids)
     model = load_weights(args.model)
     console.print(

@@ -1,8 +1,9 @@
 """`kvsqueeze generate`: stream a completion through a squeezed cache, then print its bytes.
 
-Every flag is checked before the model loads (the prompt, the decoding flags, the KV flags of
-`kv_args`, the read path); the prompt's length against the model's context once it is tokenized,
-before anything is generated. The last lines name the config and the read path that really ran.
+Every flag is checked before the model's weights load (the prompt, the decoding flags, the KV flags
+of `kv_args` against the model's config, a config file's model fingerprint, the read path), and the
+prompt's tokens plus --max-new-tokens against the model's context (the tokenizer and config are
+read without the weights). The last lines name the config and the read path that really ran.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .common import console, load_model_config, read_text_file
 from .kv_args import KVChoice, add_kv_arguments, describe
+from .preflight import context_tokens, load_tokenizer
 
 if TYPE_CHECKING:
     from ..config import CacheConfig
@@ -155,36 +157,39 @@ def run(args: argparse.Namespace) -> None:
     decoding = Decoding.from_args(args)
     choice = KVChoice.from_args(args)
     choice.check()  # before the model's config is read: what needs no model
-    kv = choice.resolve(load_model_config("--model", args.model))
+    model_config = load_model_config("--model", args.model)
+    limit, source = context_tokens(model_config)
+    if limit is not None and args.max_new_tokens >= limit:  # no prompt fits beside them
+        raise ValueError(
+            f"--max-new-tokens: a prompt of at least 1 token + --max-new-tokens {args.max_new_tokens} = "
+            f"{args.max_new_tokens + 1} exceed the model's context of {limit} tokens ({source}); allowed: "
+            f"--max-new-tokens <= {limit - 1} minus the prompt's tokens"
+        )
+    kv = choice.resolve(model_config, args.model)
     attn = read_path(kv.config, args.attn, choice.label)
+    tokenizer = load_tokenizer("--model", args.model)
+    inputs = prompt_inputs(tokenizer, prompt, args.chat)
+    num_prompt = inputs["input_ids"].shape[-1]
+    total = num_prompt + args.max_new_tokens
+    if limit is not None and total > limit:  # before the weights load
+        room = limit - num_prompt
+        flag, allowed = (
+            ("--max-new-tokens", f"--max-new-tokens <= {room}")
+            if room >= 1
+            else ("prompt", "a shorter prompt")
+        )
+        raise ValueError(
+            f"{flag}: the prompt's {num_prompt} tokens + --max-new-tokens {args.max_new_tokens} = {total} exceed "
+            f"the model's context of {limit} tokens ({source}); allowed: {allowed}"
+        )
 
     import torch
     from transformers import TextStreamer
 
     from ..integrations.cache import SqueezedCache
-    from ..integrations.context import context_limit
     from ..models import load_model
 
-    model, tokenizer = load_model(args.model, attn_implementation=ATTN_PATHS[attn])
-    if args.chat and tokenizer.chat_template:
-        inputs = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-        )
-    else:
-        inputs = tokenizer(prompt, return_tensors="pt")
-    limit = context_limit(model.config.get_text_config(decoder=True))
-    num_prompt = inputs["input_ids"].shape[-1]
-    total = num_prompt + args.max_new_tokens
-    if limit.tokens and total > limit.tokens:
-        room = limit.tokens - num_prompt
-        allowed = f"--max-new-tokens <= {room}" if room >= 1 else "a shorter prompt"
-        raise ValueError(
-            f"prompt: {num_prompt} tokens + --max-new-tokens {args.max_new_tokens} = {total} exceed the model's "
-            f"context of {limit.tokens} tokens ({limit.source}); allowed: {allowed}"
-        )
+    model, tokenizer = load_model(args.model, attn_implementation=ATTN_PATHS[attn])  # its pad token set
     cache = SqueezedCache.from_model(model, kv.source)
     if kv.config.tokens is not None:  # modality placeholders of the model's config; the rest is text
         from ..policies.roles import roles_from_ids
@@ -210,6 +215,18 @@ def run(args: argparse.Namespace) -> None:
         highlight=False,
     )
     console.print(f"[dim]{describe(cache.cache_config)}; {decoding.describe()}[/dim]", highlight=False)
+
+
+def prompt_inputs(tokenizer: Any, prompt: str, chat: bool) -> Any:
+    """The model's inputs for ``prompt``: through the chat template when ``chat`` and the tokenizer has one."""
+    if chat and tokenizer.chat_template:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+    return tokenizer(prompt, return_tensors="pt")
 
 
 def read_path(kv: CacheConfig, asked: str | None, label: str) -> str:

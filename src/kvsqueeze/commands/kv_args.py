@@ -24,6 +24,7 @@ from typing import Any
 from ..config import PRESETS, TOKEN_PRESETS, CacheConfig, fit_group_size, preset
 from ..policies import presses
 from ..quant.spec import QuantSpec
+from .common import check_made_for
 
 DEFAULT_KV = "k4v2"
 # spec type -> (format, bits); None: the tensor stays exact (the model's dtype)
@@ -235,11 +236,15 @@ class KVChoice:
             return bundled, True
         return named.for_head_dim(_shape(model_config)[1]), False
 
-    def resolve(self, model_config: Any = None) -> ResolvedKV:
+    def resolve(self, model_config: Any = None, model: str | None = None) -> ResolvedKV:
         """The `CacheConfig` these flags build (for ``model_config``'s model when given, and checked
-        against it). ValueError naming the flag at fault, its value and what is allowed."""
+        against it: a config file calibrated for another model is refused naming --kv, the file and
+        both models, ``model`` being the --model value). ValueError naming the flag at fault, its
+        value and what is allowed."""
         self.check()
         config, bundled = self.base(model_config)
+        if model_config is not None and self.kv.endswith(".json"):
+            check_made_for("--kv", self.kv, config, model_config, model)
         shape = _shape(model_config) if model_config is not None else None
         head_dim = shape[1] if shape else None
 

@@ -3,21 +3,23 @@ the option it refuses; the model's config, tokenizer and context come from `comm
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .common import check_output_path, console
+from .common import check_made_for, check_output_path, console
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 @contextmanager
-def flag_errors(flags: dict[str, str]) -> Iterator[None]:
+def flag_errors(flags: dict[str, str], examples: dict[str, str] | None = None) -> Iterator[None]:
     """Re-raise a ValueError whose message starts with a field of ``flags`` (``num_seeds=0 ...``)
-    with that field's command-line option in front (``--seeds: num_seeds=0 ...``)."""
+    with that field's command-line option in front (``--seeds: num_seeds=0 ...``), and an example of
+    a valid value when ``examples`` has one for that option and the message gives none."""
     try:
         yield
     except ValueError as err:
@@ -25,7 +27,9 @@ def flag_errors(flags: dict[str, str]) -> Iterator[None]:
         flag = flags.get(field.group(0)) if field else None
         if flag is None:
             raise
-        raise ValueError(f"{flag}: {err}") from None
+        example = (examples or {}).get(flag)
+        tail = f"; e.g. {flag} {example}" if example and "e.g." not in str(err) else ""
+        raise ValueError(f"{flag}: {err}{tail}") from None
 
 
 def load_weights(name: str) -> Any:
@@ -70,6 +74,55 @@ def read_eval_text(text_file: str | None, hub_wikitext: bool) -> tuple[str, str]
     return text, str(file)
 
 
+def split_list(text: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated flag value."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_numbers(
+    flag: str,
+    text: str | None,
+    example: str,
+    kind: type = int,
+    low: float = 1,
+    high: float | None = None,
+    echo: bool = False,
+    field: str | None = None,
+) -> tuple:
+    """Distinct numbers of ``kind`` (int or float) in ``[low, high]`` from the comma-separated value
+    ``text`` of ``flag``, e.g. ``"512,2048"``. ValueError naming the flag, the value at fault and an
+    example of a valid value, ``example``, for an empty value or item, a non-number, a value out of
+    range (NaN and infinities included) or a value given twice; with ``echo`` the message of a bad
+    item starts with the whole value (``--lengths: '256,2k' is not allowed; '2k' is not ...``), with
+    ``field`` a number out of range is named as that field (``--depths: depth=1.5 is not allowed``)."""
+    if kind is int and low == 1 and high is None:
+        noun = "positive integer"
+    else:
+        bounds = f" in [{low:g}, {high:g}]" if high is not None else f" >= {low:g}"
+        noun = ("integer" if kind is int else "number") + bounds
+    nouns = noun.replace("integer", "integers", 1).replace("number", "numbers", 1)
+    allowed = f"allowed: comma-separated {nouns}, e.g. {example}"
+    if text is None or not text.strip():
+        raise ValueError(f"{flag}: {text!r} names no value; {allowed}")
+    values: list = []
+    for part in (p.strip() for p in text.split(",")):
+        whole = f"{text!r} is not allowed; " if echo and part != text.strip() else ""
+        try:
+            value = kind(part) if kind is float or part.lstrip("+-").isdigit() else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise ValueError(f"{flag}: {whole}{part!r} is not a {noun}; {allowed}")
+        if (kind is float and not math.isfinite(value)) or value < low or (high is not None and value > high):
+            if field is not None:
+                raise ValueError(f"{flag}: {field}={value!r} is not allowed; it must be a {noun}; {allowed}")
+            raise ValueError(f"{flag}: {whole}{part!r} is not a {noun}; {allowed}")
+        if value in values:
+            raise ValueError(f"{flag}: {value!r} given more than once; give each value once, e.g. {example}")
+        values.append(value)
+    return tuple(values)
+
+
 def runnable_methods(flag: str, names: str) -> tuple[list[Any], list[str]]:
     """``(methods, skipped names)`` of ``flag``: unknown, repeated or no names are refused; baselines
     whose optional package is missing are skipped with a message."""
@@ -78,13 +131,16 @@ def runnable_methods(flag: str, names: str) -> tuple[list[Any], list[str]]:
     try:
         resolved = resolve_methods(names)
     except ValueError as err:
-        raise ValueError(f"{flag}: {err}") from None
+        raise ValueError(f"{flag}: {err}{'' if 'e.g.' in str(err) else ', e.g. exact,k4v4'}") from None
     if not resolved:
         raise ValueError(f"{flag}: {names!r} names no method; give e.g. exact,k4v4")
     given = [m.name for m in resolved]
     repeated = sorted({name for name in given if given.count(name) > 1})
     if repeated:
-        raise ValueError(f"{flag}: {names!r} is not allowed; {repeated} appear more than once")
+        raise ValueError(
+            f"{flag}: {names!r} is not allowed; {repeated} appear more than once; give each method once, e.g. "
+            "exact,k4v4"
+        )
     methods, skipped = [], []
     for method in resolved:
         ok, why = method_available(method)
@@ -98,8 +154,19 @@ def runnable_methods(flag: str, names: str) -> tuple[list[Any], list[str]]:
     return methods, skipped
 
 
-def check_methods(flag: str, methods: list[Any], model_config: Any) -> None:
-    """Every method fits the model (group sizes, KV heads, layers), from its config alone."""
+def check_methods(
+    flag: str, methods: list[Any], model_config: Any, given: str | None = None, model: str | None = None
+) -> None:
+    """Every method fits the model (group sizes, KV heads, layers), from its config alone; with
+    ``given`` (the flag's value) every config file in it was made for this model (`check_made_for`,
+    naming ``model``, the --model value)."""
+    from ..config import CacheConfig
+    from ..eval.methods import FUSED_SUFFIX
+
+    for name in split_list(given or ""):
+        file = name.removesuffix(FUSED_SUFFIX)
+        if file.endswith(".json"):
+            check_made_for(flag, file, CacheConfig.load(file), model_config, model)
     for method in methods:
         try:
             method.check_model(model_config)

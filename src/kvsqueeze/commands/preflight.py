@@ -11,13 +11,17 @@ from .common import read_text_file
 
 
 def load_tokenizer(flag: str, name: str) -> Any:
-    """The tokenizer of the model given to ``flag`` (checked first by `common.load_model_config`)."""
+    """The tokenizer of the model given to ``flag`` (checked first by `common.load_model_config`); a
+    GGUF file's is read from the file, as `models.load_model` reads it."""
     from transformers import AutoTokenizer
 
     from ..models import resolve_model
 
     try:
-        return AutoTokenizer.from_pretrained(resolve_model(name))
+        source, extra = resolve_model(name), {}
+        if isinstance(source, Path) and source.is_file():  # a GGUF file
+            source, extra = source.parent, {"gguf_file": source.name}
+        return AutoTokenizer.from_pretrained(source, **extra)
     except Exception as err:  # transformers' OSError / ValueError for a folder without a tokenizer
         reason = (str(err).strip().splitlines() or [""])[0][:300]
         raise ValueError(

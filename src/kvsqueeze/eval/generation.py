@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .progress import bar_disabled
+
 
 @dataclass(frozen=True)
 class DecodeResult:
@@ -63,7 +65,7 @@ def greedy_decode(
     prefill = time.perf_counter() - start
     argmax, fed = [], []
     start = time.perf_counter()
-    for i in tqdm(range(max_new_tokens), desc=desc, disable=not progress, leave=False):
+    for i in tqdm(range(max_new_tokens), desc=desc, disable=bar_disabled(progress), leave=False):
         step_argmax = out.logits[0, -1].argmax()
         argmax.append(step_argmax)
         token = step_argmax if forced is None else forced[i]

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .progress import bar_disabled
+
 if TYPE_CHECKING:
     from transformers import Cache
 
@@ -239,7 +241,7 @@ def _scored_blocks(
     """
     device = model.device
     total = windows.shape[0] * len(bounds)
-    with tqdm(total=total, desc=desc, unit="chunk", disable=not progress) as bar:
+    with tqdm(total=total, desc=desc, unit="chunk", disable=bar_disabled(progress)) as bar:
         for window in windows.to(device):
             streams = [
                 _window_logits(model, window, make, bounds, spec.first_scored_position, use_cache)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .generation import greedy_decode
 from .methods import Method
+from .progress import bar_disabled
 from .quantized_reads import nothing_quantized_warning
 from .report import record_config
 
@@ -314,7 +315,9 @@ def evaluate_retrieval(
         for d in spec.depths
     }
     total = len(methods) * len(spec.lengths) * len(spec.depths) * spec.num_seeds
-    with tqdm(total=total, desc=f"{spec.task} retrieval", unit="trial", disable=not progress) as bar:
+    with tqdm(
+        total=total, desc=f"{spec.task} retrieval", unit="trial", disable=bar_disabled(progress)
+    ) as bar:
         for num_tokens in spec.lengths:
             for depth in spec.depths:
                 for seed in range(spec.num_seeds):

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .memory import PeakMemory, RssPeak, cache_nbytes
 from .methods import Method
+from .progress import bar_disabled
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -203,7 +204,7 @@ def run_grid(
     timed = len(config.contexts) * config.repeats
     total = len(config.batch_sizes) * len(methods) * (config.warmup + timed)
     rows = []
-    with tqdm(total=total, desc="bench", disable=not progress) as bar:
+    with tqdm(total=total, desc="bench", disable=bar_disabled(progress)) as bar:
 
         def run(method: Method, prompt: torch.Tensor, label: str) -> RunResult:
             bar.set_postfix_str(f"{label} {method.name} batch {prompt.shape[0]} context {prompt.shape[1]}")
