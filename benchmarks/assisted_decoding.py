@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from kvsqueeze import SqueezedCache, load_model
 from kvsqueeze.eval.report import environment, save_results
 from kvsqueeze.models import resolve_model
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # whole tables in logs
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-test.txt"
 MODES = ("plain", "prompt_lookup", "assistant")
 

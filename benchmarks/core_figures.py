@@ -34,7 +34,7 @@ FP16_BYTES_PER_TOKEN = 23_040
 MEMORY_PRESETS = ("int8", "fp8", "k4v4", "k4v2", "k2v2")
 QUALITY_PRESETS = ("int8", "fp8", "k4v4", "k4v2", "k2v2")
 QUANTO = {"quanto-int4": 4, "quanto-int2": 2}
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # whole tables in logs
 
 
 def exact_cache(model):

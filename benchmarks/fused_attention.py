@@ -39,7 +39,7 @@ from kvsqueeze.eval.report import environment, save_results
 from kvsqueeze.kernels import cpu
 from kvsqueeze.storage.layer import LayerStore
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # whole tables in logs
 TARGETS = {
     "b8_vs_exact": 0.8,
     "b8_vs_quanto": 0.33,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from kvsqueeze.eval.methods import method_available, resolve_methods
 from kvsqueeze.eval.report import environment, save_results
 from kvsqueeze.eval.text import load_text, tokenize_text
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # whole tables in logs
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-test.txt"
 FP16_BYTES_PER_TOKEN = 2 * 2 * 30 * 3 * 64
 

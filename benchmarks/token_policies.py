@@ -48,7 +48,7 @@ from kvsqueeze.eval.text import default_text_file, load_text, tokenize_text
 from kvsqueeze.policies import mark_spans
 
 FP16_BYTES_PER_TOKEN = 23_040
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # whole tables in logs
 
 
 def methods(evict_only: float, evict_quant: float) -> dict[str, CacheConfig | str | None]:
