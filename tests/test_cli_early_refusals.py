@@ -313,6 +313,20 @@ def test_an_empty_batch_sizes_is_refused_not_replaced_by_the_default(
     assert code == 2 and "--batch-sizes: '' names no value" in err and "e.g. 1,4" in err
 
 
+@pytest.mark.parametrize("command", ["generate", "bench"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_kv_is_refused_not_replaced_by_the_default(
+    command, value, tiny_llama_dir, tmp_path, no_weights, capsys
+) -> None:
+    argv = (
+        ["generate", "hi", "--model", tiny_llama_dir, "--max-new-tokens", "2"]
+        if command == "generate"
+        else bench(tiny_llama_dir, tmp_path)
+    )
+    code, err = cli([*argv, "--kv", value], capsys)
+    assert code == 2 and "--kv:" in err and "names no preset or file" in err, err
+
+
 # ------------------------------------------------------------------------------------- 5. progress bars
 
 

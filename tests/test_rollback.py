@@ -178,3 +178,25 @@ def test_token_policies_refuse_rollback_before_generation(name: str) -> None:
         model.generate(prompt_ids(40), cache=cache, prompt_lookup_num_tokens=3, max_new_tokens=5)
     assert cache.get_seq_length() == 0  # refused before the prefill
     assert not cache.is_croppable
+
+
+def test_assisted_decoding_on_a_filled_cache_is_refused_with_the_reason() -> None:
+    """transformers numbers the new tokens of an assisted second turn from 0 (its DynamicCache then
+    departs from plain greedy); the cache says so instead of suggesting a reset of the conversation."""
+    model = tiny(0)
+    cache = SqueezedCache.from_model(model, "k4v4")
+    with torch.no_grad():
+        out = model.generate(
+            prompt_ids(60), cache=cache, max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=5
+        )
+        turn = torch.cat([out, prompt_ids(20)], dim=1)
+        with pytest.raises(ValueError, match="assisted decoding on a cache that already holds 69 tokens"):
+            model.generate(turn, cache=cache, max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=5)
+    assert cache.get_seq_length() == 69
+
+
+@pytest.mark.parametrize("bad", ["a", 1.5, None, True])
+def test_crop_counts_of_another_type_are_refused(bad: object) -> None:
+    cache = SqueezedCache.from_model(tiny(0), "k4v4")
+    with pytest.raises(ValueError, match=r"crop: .*allowed: an int"):
+        cache.crop(bad)

@@ -170,6 +170,9 @@ class KVChoice:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, default_kv: str = DEFAULT_KV) -> KVChoice:
+        """Raises ValueError for an empty or blank ``--kv`` (it would silently mean the default)."""
+        if args.kv is not None and not str(args.kv).strip():
+            raise ValueError(f"--kv: {args.kv!r} names no preset or file; give e.g. --kv {default_kv}")
         return cls(args.kv or default_kv, args.kv_keys, args.kv_values, args.evict, args.evict_scorer)
 
     @property

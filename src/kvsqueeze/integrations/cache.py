@@ -410,6 +410,13 @@ class SqueezedCache(Cache):
         position_ids = (kwargs.get("kwargs") or kwargs).get("position_ids")
         if seen and index == self._first_squeezed and position_ids is not None and position_ids.dim() == 2:
             start = int(position_ids[:, 0].max())
+            if start < seen and getattr(layer.store, "record_past", False):
+                raise ValueError(
+                    f"assisted decoding on a cache that already holds {seen} tokens: transformers numbers the new "
+                    f"tokens from position {start} (its own DynamicCache then departs from plain greedy decoding); "
+                    "start assisted decoding from an empty cache (a new cache, or cache.reset()) with the whole "
+                    "conversation as the prompt, or continue this cache without an assistant"
+                )
             if start < seen:
                 raise ValueError(
                     f"position_ids: the new tokens start at position {start}, but this cache already holds "
@@ -428,6 +435,10 @@ class SqueezedCache(Cache):
         """Remove the ``-tokens_to_remove`` newest tokens of every layer (assisted decoding), exactly:
         the cache is then as if it had never seen them. Checked for every layer before any changes,
         so a refusal (ValueError) leaves the cache whole."""
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
+            raise ValueError(
+                f"crop: {tokens_to_remove!r}; allowed: an int, a negative number of newest tokens to remove, or 0"
+            )
         for layer in self.layers:
             if isinstance(layer, SqueezedLayer):
                 layer.check_crop(tokens_to_remove)
