@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from tiny import tiny_llama
+from tiny import prompt_ids, tiny_llama
 
 from kvsqueeze import SqueezedCache
 from kvsqueeze.attention.dense import dense_attention
@@ -70,19 +70,25 @@ def plain_outputs(store: LayerStore, key, value, query, chunk: int) -> torch.Ten
     return torch.cat(outs, dim=1)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize(
-    ("held", "new", "chunk"), [(0, 300, 250), (0, 200, 200), (150, 40, 1), (137, 6, 1), (2, 70, 3)]
-)
-def test_each_query_reads_what_plain_decoding_reads(name: str, held: int, new: int, chunk: int) -> None:
+def verification_case(name: str, held: int, new: int, chunk: int) -> tuple:
+    """A recording store holding ``held`` tokens, ``new`` tokens with queries, and the outputs plain
+    decoding gives them (`plain_outputs`)."""
     store = store_for(name)
     if held:
         store.append(*kv(held, 1))
     key, value = kv(new, 2)
     query = torch.randn(1, 4, new, 64, generator=torch.Generator().manual_seed(3))
     expected = plain_outputs(store, key, value, query, chunk)
-
     store.record_past = True
+    return store, key, value, query, expected
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize(
+    ("held", "new", "chunk"), [(0, 300, 250), (0, 200, 200), (150, 40, 1), (137, 6, 1), (2, 70, 3)]
+)
+def test_each_query_reads_what_plain_decoding_reads(name: str, held: int, new: int, chunk: int) -> None:
+    store, key, value, query, expected = verification_case(name, held, new, chunk)
     drafts = store.draft_reads(key, value, chunk)
     keys, values = materialize(store, key, value, Workspace())
     parts = dense_parts(keys, values, new, Workspace(), drafts) if drafts else None
@@ -101,13 +107,7 @@ def test_each_query_reads_what_plain_decoding_reads(name: str, held: int, new: i
 @pytest.mark.parametrize("name", ["k4v4", "k2v2", "int8", "small"])
 @pytest.mark.parametrize(("held", "new", "chunk"), [(0, 300, 250), (150, 40, 1), (137, 6, 1), (2, 70, 3)])
 def test_the_fused_kernel_reads_what_plain_decoding_reads(name: str, held: int, new: int, chunk: int) -> None:
-    store = store_for(name)
-    if held:
-        store.append(*kv(held, 1))
-    key, value = kv(new, 2)
-    query = torch.randn(1, 4, new, 64, generator=torch.Generator().manual_seed(3))
-    expected = plain_outputs(store, key, value, query, chunk)
-    store.record_past = True
+    store, key, value, query, expected = verification_case(name, held, new, chunk)
     drafts = store.draft_reads(key, value, chunk)
     parts = snapshot(store, key, value, Workspace(), drafts)
     got = fused_attention(query, parts, None, 0.125, True, fused_backend(torch.device("cpu")))
@@ -120,12 +120,6 @@ def test_nothing_to_read_differently_when_no_block_is_flushed(name: str) -> None
     store.append(*kv(10, 1))
     assert store.draft_reads(*kv(3, 2), chunk=1) is None  # 13 tokens: within sinks and window
     assert store.draft_reads(*kv(300, 2), chunk=300) is None  # one chunk reads the store as it is
-
-
-def prompt_ids(n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(3)
-    base = torch.randint(1, 128, (1, 24), generator=g)
-    return base.repeat(1, -(-n // 24))[:, :n]  # repeated n-grams: prompt lookup finds drafts
 
 
 @pytest.mark.parametrize("config", ["k2v2", "best-2bit", SMALL], ids=["k2v2", "best-2bit", "small"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_llama
+from tiny import prompt_ids, tiny_llama
 from transformers import LlamaForCausalLM
 
 from kvsqueeze import SqueezedCache
@@ -125,12 +125,6 @@ def test_crop_bad_counts_are_refused() -> None:
 
 def tiny(seed: int) -> LlamaForCausalLM:
     return tiny_llama(seed, attn="kvsqueeze")
-
-
-def prompt_ids(n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(3)
-    base = torch.randint(1, 128, (1, 24), generator=g)
-    return base.repeat(1, -(-n // 24))[:, :n]  # repeated n-grams: prompt lookup finds drafts
 
 
 # With the kvsqueeze attention each draft of a verification forward reads what plain decoding reads

@@ -36,3 +36,10 @@ def tiny_llama(
 ) -> LlamaForCausalLM:
     """The tiny Llama of this module with config ``overrides`` (e.g. ``head_dim=32``)."""
     return _build(seed, dtype, attn, tuple(sorted(overrides.items())))
+
+
+def prompt_ids(n: int) -> torch.Tensor:
+    """(1, n) token ids of a repeated 24-token pattern: prompt lookup finds drafts in it."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(1, 128, (1, 24), generator=g)
+    return base.repeat(1, -(-n // 24))[:, :n]

@@ -78,14 +78,20 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(p in str(err).lower() for p in OOM_PHRASES)
 
 
-def weight_bytes(model_config: Any, dtype_bytes: int) -> int:
-    """Bytes of a dense decoder's weights from its config (a lower bound for other architectures)."""
+def _dims(model_config: Any) -> tuple[Any, int, int, int, int, int]:
+    """(text config, hidden, heads, kv_heads, head_dim, intermediate) of a decoder's config."""
     cfg = model_config.get_text_config(decoder=True)
     hidden = cfg.hidden_size
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
+    return cfg, hidden, heads, kv_heads, head_dim, inter
+
+
+def weight_bytes(model_config: Any, dtype_bytes: int) -> int:
+    """Bytes of a dense decoder's weights from its config (a lower bound for other architectures)."""
+    cfg, hidden, heads, kv_heads, head_dim, inter = _dims(model_config)
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
     embeddings = cfg.vocab_size * hidden * (1 if getattr(cfg, "tie_word_embeddings", True) else 2)
     return (cfg.num_hidden_layers * (attention + 3 * hidden * inter) + embeddings) * dtype_bytes
@@ -93,12 +99,7 @@ def weight_bytes(model_config: Any, dtype_bytes: int) -> int:
 
 def activation_bytes_per_token(model_config: Any, dtype_bytes: int) -> int:
     """Bytes of prefill activations per prompt token (see the module docstring)."""
-    cfg = model_config.get_text_config(decoder=True)
-    hidden = cfg.hidden_size
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
+    _, hidden, heads, kv_heads, head_dim, inter = _dims(model_config)
     return (4 * hidden + 3 * inter + heads * head_dim + 2 * kv_heads * head_dim) * dtype_bytes
 
 
