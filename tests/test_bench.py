@@ -64,7 +64,7 @@ def test_speed_grid_smoke(tiny, tmp_path, capsys):
             assert row["kv_bytes"] == expected
     for batch in (1, 2):
         kv = {r["method"]: r["kv_bytes"] for r in rows if r["context"] == 512 and r["batch_size"] == batch}
-        assert kv["k2v2"] < kv["k4v4"] < kv["exact"]
+        assert kv["k2v2"] < kv["exact"] and kv["k4v4"] < kv["exact"]  # (k4v4's window is half k2v2's)
         if "quanto-int4" in kv:
             assert 0 < kv["quanto-int4"] < kv["exact"]
     assert png.read_bytes()[:4] == b"\x89PNG"

@@ -49,8 +49,8 @@ def test_held_bytes_at_most_fp16_from_16_tokens_on(name: str, prompt: int, decod
 
 def test_report_says_which_tokens_are_exact_and_why() -> None:
     report = held(tiny(), "k4v4", 300).memory_report()
-    assert report.describe() == "4 sinks + 104 in the residual window exact (float16), 192 packed"
-    short = held(tiny(), "k4v4", 70).memory_report()
+    assert report.describe() == "4 sinks + 40 in the residual window exact (float16), 256 packed"
+    short = held(tiny(), "k4v4", 60).memory_report()
     assert "none packed yet" in short.describe()
 
 
@@ -108,11 +108,12 @@ def test_exact_dtype_is_validated() -> None:
 def test_exact_pages_widen_with_their_tokens_never_narrow(first: torch.dtype) -> None:
     from kvsqueeze.storage.pages import PagedStore
 
-    store = PagedStore(None, 32)  # an exact class of a token-policy store
+    store = PagedStore(None, 16, 32)  # an exact class of a token-policy store
     store.append(torch.ones(1, 1, 16, 4, dtype=first))
     store.append(torch.full((1, 1, 16, 4), 70000.0))  # the store widened its exact dtype to float32
-    assert store.pages[0].values.dtype == torch.float32
-    assert store.pages[0].values[0, 0, -1, 0] == 70000.0 and store.pages[0].values[0, 0, 0, 0] == 1.0
-    store.append(torch.ones(1, 1, 16, 4, dtype=first))  # a narrower token does not narrow the pages
-    assert store.pages[0].values.dtype == torch.float32
-    assert store.nbytes == 48 * 4 * 4
+    slab = store.pool.slabs[0].values  # (blocks, heads, 16, 4)
+    assert slab.dtype == torch.float32
+    assert slab[1, 0, -1, 0] == 70000.0 and slab[0, 0, 0, 0] == 1.0
+    store.append(torch.ones(1, 1, 16, 4, dtype=first))  # a narrower token does not narrow the blocks
+    assert all(s.values.dtype == torch.float32 for s in store.pool.slabs)
+    assert store.block_nbytes == 48 * 4 * 4

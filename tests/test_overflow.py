@@ -167,11 +167,11 @@ def test_paged_store_widens_once_and_reports_its_bytes(spec: QuantSpec) -> None:
     """The first overflowing block switches the whole store to float32 metadata: earlier pages are
     converted exactly, one warning names the store, the magnitude and the dtype, and ``nbytes`` is
     what the pages hold."""
-    store = PagedStore(spec, page_tokens=128, name="layer 3 keys")
+    store = PagedStore(spec, T, page_tokens=128, name="layer 3 keys")
     first = _base(1)
     store.append(first)
     before = store.dequantize_into(torch.empty(B, H, T, D))
-    assert store.spec is spec and store.nbytes == B * store.num_tokens * spec.bytes_per_token(H, D)
+    assert store.spec is spec and store.block_nbytes == B * store.num_tokens * spec.bytes_per_token(H, D)
 
     with pytest.warns(MetadataOverflowWarning, match=r"layer 3 keys: .*70\d\d\d.*float16") as record:
         store.append(_with_offset(_base(2), "-70000"))
@@ -183,9 +183,9 @@ def test_paged_store_widens_once_and_reports_its_bytes(spec: QuantSpec) -> None:
 
     wide = store.spec
     assert wide.scale_dtype == "float32" and wide.bits == spec.bits and wide.axis is spec.axis
-    assert all(p.spec is wide and p.scale.dtype == torch.float32 for p in store.pages)
+    assert all(p.spec is wide and p.scale.dtype == torch.float32 for p in store.pool.slabs)
     assert store.nbytes == sum(t.numel() * t.element_size() for t in store.tensors())
-    assert store.nbytes == B * store.num_tokens * wide.bytes_per_token(H, D)
+    assert store.block_nbytes == B * store.num_tokens * wide.bytes_per_token(H, D)
     out = store.dequantize_into(torch.empty(B, H, 4 * T, D))
     assert torch.isfinite(out).all()
     assert torch.equal(out[:, :, :T], before)  # converting float16 metadata to float32 is exact

@@ -155,7 +155,7 @@ def test_retrieval_file_reloads_and_reruns(head48_dir, head48, tmp_path) -> None
     record = next(m for m in payload["config"]["methods"] if m["name"] == "k4v4")
     assert record_config(record) == SqueezedCache.from_model(model, "k4v4").cache_config
     row = next(r for r in payload["results"] if r["method"] == "k4v4")
-    assert row["quantized_tokens"] == 128 and row["warning"] is None  # 256 - 4 sinks - 124 in the window
+    assert row["quantized_tokens"] == 192 and row["warning"] is None  # 256 - 4 sinks - 60 in the window
 
     config_file = tmp_path / "k4v4-reloaded.json"
     config_file.write_text(json.dumps(record["config"]))
@@ -211,19 +211,19 @@ def test_a_window_inside_the_residual_window_warns_that_nothing_was_quantized(
 ) -> None:
     out = tmp_path / "quality.json"
     argv = ["eval", "quality", "--model", str(tiny_llama_dir), "--text-file", str(text_file)]
-    argv += ["--methods", "exact,k4v4,none", "--window", "128", "--windows", "1", "--prefill", "64"]
+    argv += ["--methods", "exact,k2v2,none", "--window", "128", "--windows", "1", "--prefill", "64"]
     assert main([*argv, "--out", str(out), "--plot", str(tmp_path / "q.png")]) == 0
     captured = capsys.readouterr()
     rows = {r["method"]: r for r in _json(out)["results"]}
-    k4v4 = rows["k4v4"]
-    assert k4v4["quantized_tokens"] == 0 and k4v4["exact_tokens"] == 128
+    k2v2 = rows["k2v2"]
+    assert k2v2["quantized_tokens"] == 0 and k2v2["exact_tokens"] == 128
     # what the warning is about: the scores are the exact cache's (up to the float16 exact parts)
-    assert abs(k4v4["kld_mean"]) < 1e-6
-    assert "no forward read a quantized token" in k4v4["warning"] and "133 tokens" in k4v4["warning"]
+    assert abs(k2v2["kld_mean"]) < 1e-6
+    assert "no forward read a quantized token" in k2v2["warning"] and "133 tokens" in k2v2["warning"]
     assert rows["none"]["quantized_tokens"] is None and rows["none"]["warning"] is None  # exact by design
     assert rows["exact"]["quantized_tokens"] is None and rows["exact"]["warning"] is None
-    assert "k4v4 (!)" in captured.out and "0/128" in captured.out
-    assert "warning: k4v4: no forward read a quantized token" in " ".join(captured.err.split())
+    assert "k2v2 (!)" in captured.out and "0/128" in captured.out
+    assert "warning: k2v2: no forward read a quantized token" in " ".join(captured.err.split())
 
 
 @pytest.mark.parametrize("name", ["k4v4", "k2v2", "int8", "k4v2-window0"])

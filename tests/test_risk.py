@@ -100,7 +100,8 @@ def test_risk_ranks_presets_as_the_measured_decode_kl(name: str, source: str) ->
 
 def test_issue_11_k_proj_bias_best_2bit_is_not_called_safer_than_k4v4() -> None:
     rows = report("qwen2-bias60")["presets"]
-    assert rows["best-2bit"]["kl"] > SEPARATED * rows["k4v4"]["kl"]  # what the issue measured
+    # what the issue measured (2.5x then; 1.98x since k4v4's window is 64 tokens, issue 13)
+    assert rows["best-2bit"]["kl"] > 1.5 * rows["k4v4"]["kl"]
     assert rows["best-2bit"]["predicted_risk"] > rows["k4v4"]["predicted_risk"]
     assert rows["best-2bit"]["risk"] > rows["k4v4"]["risk"]
     assert not warned("qwen2-bias60", "k4v4")[0]  # so k4v4 is no longer the one preset warned about

@@ -107,7 +107,7 @@ def _reference(x: torch.Tensor, spec: QuantSpec | None, block: int = 32) -> torc
 
 @pytest.mark.parametrize("spec", STORE_SPECS)
 def test_paged_store_appends_across_pages(spec: QuantSpec | None) -> None:
-    store = PagedStore(spec, page_tokens=64)
+    store = PagedStore(spec, 32, page_tokens=64)
     batch = 2
     page_bytes = (
         PackedTensor.empty(batch, HEADS, 64, HEAD_DIM, spec, torch.device("cpu")).nbytes
@@ -123,10 +123,12 @@ def test_paged_store_appends_across_pages(spec: QuantSpec | None) -> None:
         total = sum(c.shape[-2] for c in chunks)
 
         assert store.num_tokens == total
-        assert len(store.pages) == -(-total // 64)  # grows one page at a time, never ahead
-        held = sum(t.numel() * t.element_size() for page in store.pages for t in page.tensors())
-        assert store.nbytes == held == total * page_bytes // 64  # the last page holds just its tokens
-        assert [p.num_tokens for p in store.filled()] == [min(64, total - s) for s in range(0, total, 64)]
+        blocks = batch * total // 32  # one block per row and 32 tokens, 2 blocks per slab
+        assert store.pool.num_blocks == blocks and len(store.pool.slabs) == -(-blocks // 2)
+        held = sum(t.numel() * t.element_size() for t in store.tensors())
+        assert store.nbytes == held == store.pool.nbytes + store.tables.nbytes
+        assert store.pool.nbytes == total * page_bytes // 64  # the pool holds just its tokens' blocks
+        assert [p.num_tokens for p in store.filled()] == [total]
 
         out = torch.full((batch, HEADS, total, HEAD_DIM), float("nan"))
         assert store.dequantize_into(out) is out
@@ -146,7 +148,7 @@ def test_paged_store_appends_across_pages(spec: QuantSpec | None) -> None:
 def test_paged_store_writes_into_workspace_slice() -> None:
     """dequantize_into a token slice of a larger buffer touches only that slice."""
     spec = QuantSpec(bits=4, axis="channel", group_size=32)
-    store = PagedStore(spec, page_tokens=64)
+    store = PagedStore(spec, 32, page_tokens=64)
     x = _randn(2, HEADS, 96, HEAD_DIM, seed=1)
     store.append(x)
     buf = torch.zeros(2, HEADS, 200, HEAD_DIM)
@@ -291,10 +293,12 @@ def test_layer_store_sequence(key_spec: QuantSpec | None, value_spec: QuantSpec 
         _check_parts(store, hist_k.shape[-2])
         assert store.batch_size == batch
 
-    assert store.packed_k.num_tokens > 0 and len(store.packed_k.pages) > 1  # the run crossed pages
+    assert store.packed_k.num_tokens > 0 and len(store.packed_k.pool.slabs) > 1  # the run crossed slabs
     parts = store.parts()
     assert store.nbytes == sum(parts.values())
-    assert parts["packed_keys"] == store.packed_k.nbytes and parts["packed_values"] == store.packed_v.nbytes
+    assert parts["packed_keys"] == store.packed_k.block_nbytes == store.packed_k.pool.nbytes
+    assert parts["packed_values"] == store.packed_v.block_nbytes
+    assert parts["block_tables"] == store.packed_k.tables.nbytes + store.packed_v.tables.nbytes > 0
     store.clear()
     assert store.num_tokens == 0 and store.nbytes == 0 and store.batch_size == 0
 

@@ -224,7 +224,7 @@ def test_packed_blocks_are_quantized_from_the_rounded_tokens_however_they_arrive
     spec = small(TokenPolicy()).key
     for rounded, want in ((True, True), (False, False)):
         x = key[:, :, 2:194]
-        ref = PagedStore(spec, 32)
+        ref = PagedStore(spec, 32, 32)
         ref.append((x.half() if rounded else x).float())
         assert torch.equal(ref.dequantize_into(torch.empty(1, 2, 192, 64)), packed[0][0]) is want
 

@@ -21,7 +21,7 @@ from typing import Any
 from .config import PRESETS, CacheConfig, QuantSpec, preset
 
 __all__ = [
-    "PRESETS", "CacheConfig", "QuantSpec", "SqueezedCache", "load_model", "preset", "register",
+    "PRESETS", "CacheConfig", "KVPool", "QuantSpec", "SqueezedCache", "load_model", "preset", "register",
     "use_fused_attention",
 ]  # fmt: skip
 __version__ = "0.1.0"
@@ -32,6 +32,10 @@ def __getattr__(name: str) -> Any:
         from .integrations.cache import SqueezedCache
 
         return SqueezedCache
+    if name == "KVPool":
+        from .storage.prefix_cache import KVPool
+
+        return KVPool
     if name == "register":
         from .integrations.attention import register
 

@@ -411,7 +411,7 @@ PRESETS: dict[str, CacheConfig] = {
         key=QuantSpec(bits=8, format="fp8_e4m3", axis="channel", group_size=64),
         value=QuantSpec(bits=8, format="fp8_e4m3", axis="token", group_size=64),
     ),
-    "k4v4": _kivi(4, 4, 64),
+    "k4v4": _kivi(4, 4, 64, residual_window=64),  # 64: at 2k below quanto int4 at equal ΔPPL (issue 13)
     "k4v2": CacheConfig(
         key=QuantSpec(bits=4, axis="channel", group_size=64),
         value=QuantSpec(bits=2, axis="token", group_size=32),
@@ -482,7 +482,7 @@ TOKEN_PRESETS: dict[str, CacheConfig] = {
     "snapkv-50": _tokens(_EXACT, presses.snapkv(0.5)),
     "knorm-50": _tokens(_EXACT, presses.knorm(0.5)),
     # eviction + quantization
-    "h2o-50-k4v4": _tokens(_kivi(4, 4, 64), presses.h2o(0.5, default="low")),
+    "h2o-50-k4v4": _tokens(_kivi(4, 4, 64, residual_window=64), presses.h2o(0.5, default="low")),  # k4v4's
 }
 
 PRESET_NOTES: dict[str, str] = {

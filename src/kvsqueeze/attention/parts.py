@@ -217,12 +217,9 @@ def snapshot(
     segments: list[Segment] = []
     if store.sink_k.num_tokens:
         segments.append(_exact(store.sink_k.view(), store.sink_v.view()))
-    page_tokens, left = store.packed_k.page_tokens, store.packed_k.num_tokens
-    for page_k, page_v in zip(store.packed_k.pages, store.packed_v.pages, strict=True):
-        if left <= 0:
-            break
-        segments.append(Segment(page_k, page_v, min(page_tokens, left)))
-        left -= page_tokens
+    packed_k, packed_v = store.packed_k.part(), store.packed_v.part()
+    if packed_k is not None:
+        segments.append(Segment(packed_k, packed_v, packed_k.num_tokens))
     window_k, window_v = store.window_k.view(), store.window_v.view()
     if window_k is not None:
         plan = store.policy.plan(store.sink_k.num_tokens, store.window_k.num_tokens, key.shape[-2])

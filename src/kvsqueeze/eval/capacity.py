@@ -30,6 +30,7 @@ import torch
 
 from ..config import PRESETS, CacheConfig, exact_storage_dtype
 from ..policies.window import SinkWindowPolicy
+from ..storage.block_table import table_capacity
 from .memory import cache_nbytes
 from .methods import Method
 
@@ -87,7 +88,8 @@ def squeezed_bytes(
     config: CacheConfig, shape: KVShape, num_tokens: int, batch_size: int, dtype_bytes: int
 ) -> int:
     """Bytes of a `SqueezedCache` holding ``num_tokens`` tokens (see module docstring): the sink
-    buffer at its capacity once used, the window and the packed pages sized to their tokens, exact
+    buffer at its capacity once used, the window and the packed blocks sized to their tokens (plus
+    their block tables, `storage.block_table.table_capacity`), exact
     parts in the storage dtype of ``CacheConfig.exact_dtype`` for a model of ``dtype_bytes``."""
     plan = SinkWindowPolicy(config.sink_tokens, config.residual_window, config.block_size).plan(
         0, 0, num_tokens
@@ -98,7 +100,9 @@ def squeezed_bytes(
     exact_size = exact_storage_dtype(config.exact_dtype, model_dtype, not config.is_exact).itemsize
     per_token = config.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, dtype_bytes)
     packed = round(plan.to_quantize * batch_size * per_token)
-    return exact_bytes(shape, exact_tokens, batch_size, exact_size) + packed
+    blocks = plan.to_quantize // config.block_size  # block tables: int32 per row, keys and values
+    tables = 2 * shape.num_layers * batch_size * table_capacity(blocks) * 4 if blocks else 0
+    return exact_bytes(shape, exact_tokens, batch_size, exact_size) + packed + tables
 
 
 def predictor(

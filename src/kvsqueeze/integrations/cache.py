@@ -23,12 +23,15 @@ from ..attention.packed_view import packed_views
 from ..attention.parts import dense_parts, mixed_snapshot, snapshot
 from ..attention.reference import Workspace, materialize
 from ..config import CacheConfig, exact_storage_dtype, resolve_config
+from ..storage.block_pool import BlockPool
 from ..storage.layer import LayerStore
 from ..storage.mixed import MixedLayerStore
+from ..storage.prefix_cache import KVPool
 from ..storage.row_sinks import first_real_columns
 from ..storage.transform import PageTransform, layer_transforms
 from .context import ContextLimit, context_limit
 from .memory import MemoryReport, layer_nbytes
+from .prefix import match_prefix, note_tokens, prefix_digest, publish
 from .rope import rope_for
 
 FULL_ATTENTION = "full_attention"
@@ -91,10 +94,19 @@ def _note_forward(module: Any, args: tuple, kwargs: dict) -> None:
             "treats the cached tokens as the start of the prompt, and this prompt is not longer than them; "
             "call cache.reset() before reusing the cache for another prompt (or pass a new cache)"
         )
+    if cache.token_ids is not None:
+        note_tokens(cache, kwargs.get("input_ids", args[0] if args else None))
     keep = kwargs.get("logits_to_keep")
     known = tokens is not None and isinstance(keep, int) and 0 < keep <= tokens
     cache.forward_shape.tokens = tokens
     cache.forward_shape.chunk = tokens - keep + 1 if known else None
+
+
+def _after_forward(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+    """Forward hook: a cache on a shared pool publishes its new full blocks (`integrations.prefix`)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if isinstance(cache, SqueezedCache) and cache.token_ids is not None:
+        publish(cache)
 
 
 class SqueezedLayer(CacheLayerMixin):
@@ -120,6 +132,7 @@ class SqueezedLayer(CacheLayerMixin):
         transforms: tuple[PageTransform | None, PageTransform | None] = (None, None),
         name: str = "layer",
         forward_shape: ForwardShape | None = None,
+        pools: tuple[BlockPool, BlockPool] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -129,7 +142,7 @@ class SqueezedLayer(CacheLayerMixin):
         self.fused = fused
         # token policies and transforms do not combine (CacheConfig rejects it)
         self.store = (
-            LayerStore(config, *transforms, name=name)
+            LayerStore(config, *transforms, name=name, pools=pools)
             if config.tokens is None
             else MixedLayerStore(config, name=name)
         )
@@ -276,7 +289,12 @@ class SqueezedCache(Cache):
         config: str | CacheConfig | dict,
         model_config: Any,
         fused: bool | None = None,
+        pool: KVPool | None = None,
     ) -> None:
+        if pool is not None and not isinstance(pool, KVPool):
+            raise ValueError(
+                f"pool: {type(pool).__name__}; allowed: None (pools of its own) or a kvsqueeze.KVPool"
+            )
         if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"fused: {fused!r}; allowed: None (follow the model), True or False")
         if isinstance(config, str):  # best-* presets: the bundled calibration when it fits this model
@@ -321,12 +339,23 @@ class SqueezedCache(Cache):
         self.workspace = Workspace()
         self.forward_shape = ForwardShape()
         self.context = context_limit(text_config)
+        self.kv_pool = pool
+        self.prefix_digest = prefix_digest(self.cache_config, model_config)
+        self.token_ids: list[int] | None = [] if pool is not None else None  # followed for prefix sharing
+        self.published, self.last_hash = 0, None
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         layers: list[CacheLayerMixin] = []
         for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
             if layer_type == FULL_ATTENTION:
                 layer_config = self.cache_config.for_layer(index)
                 transforms = layer_transforms(layer_config, head_dim, self.rope)
+                pools = None
+                if pool is not None and layer_config.tokens is None:
+                    slab = max(1, layer_config.page_tokens // layer_config.block_size)
+                    pools = tuple(
+                        pool.pool((index, kind, spec, layer_config.block_size), slab, f"layer {index} {kind}")
+                        for kind, spec in (("keys", layer_config.key), ("values", layer_config.value))
+                    )
                 layers.append(
                     SqueezedLayer(
                         layer_config,
@@ -336,6 +365,7 @@ class SqueezedCache(Cache):
                         transforms,
                         f"layer {index}",
                         self.forward_shape,
+                        pools,
                     )
                 )
             elif layer_type in EXACT_LAYER_TYPES:
@@ -443,10 +473,16 @@ class SqueezedCache(Cache):
             if isinstance(layer, SqueezedLayer):
                 layer.check_crop(tokens_to_remove)
         super().crop(tokens_to_remove)
+        if self.token_ids is not None and tokens_to_remove < 0:
+            del self.token_ids[tokens_to_remove:]
 
     @classmethod
     def from_model(
-        cls, model: Any, config: str | CacheConfig | dict = "k4v2", fused: bool | None = None
+        cls,
+        model: Any,
+        config: str | CacheConfig | dict = "k4v2",
+        fused: bool | None = None,
+        pool: KVPool | None = None,
     ) -> SqueezedCache:
         """A cache for ``model`` (any transformers causal LM) from a preset name or a config.
 
@@ -463,16 +499,31 @@ class SqueezedCache(Cache):
                 f"model: {type(model).__name__} is not a transformers model (no .config); allowed: a "
                 "PreTrainedModel, e.g. from kvsqueeze.load_model or AutoModelForCausalLM.from_pretrained"
             )
-        cache = cls(config, model.config, fused)
+        cache = cls(config, model.config, fused, pool)
         cache.warn_if_unsafe(model)
         if isinstance(model, torch.nn.Module) and getattr(model, "_kvsqueeze_forward_hook", None) is None:
-            # assisted decoding: which new tokens of a forward are drafts (`ForwardShape`)
+            # assisted decoding: which new tokens of a forward are drafts (`ForwardShape`); prefix
+            # sharing: the token ids of each forward, and its full blocks published after it
             model._kvsqueeze_forward_hook = model.register_forward_pre_hook(_note_forward, with_kwargs=True)
+            model._kvsqueeze_forward_post_hook = model.register_forward_hook(_after_forward, with_kwargs=True)
         if cache.fused:
             from .attention import register
 
             register()
         return cache
+
+    def match_prefix(self, input_ids: torch.Tensor) -> int:
+        """Take the blocks of the longest prefix of ``input_ids`` (1, tokens) that the shared pool's
+        prefix cache holds (see `integrations.prefix`); returns the number of tokens now held (0: no
+        hit). Then run the model on the rest, e.g. ``model.generate(input_ids, cache=cache)``.
+        Raises ValueError for a cache without ``pool=``, a non-empty cache or a batch."""
+        return match_prefix(self, input_ids)
+
+    def reset(self) -> None:
+        """Drop every token (blocks of a shared pool go back to it, still findable by prefix)."""
+        super().reset()
+        self.token_ids = [] if self.kv_pool is not None else None
+        self.published, self.last_hash = 0, None
 
     def set_roles(self, roles: torch.Tensor) -> None:
         """Token roles (batch, tokens) int (`kvsqueeze.policies.Role`) of the prompt, before the

@@ -14,13 +14,14 @@ import torch
 
 from ..quant.exact import ExactTensor
 from ..quant.packed import PackedTensor
+from ..quant.paged import PagedPart
 from .build import cpu_extension
 from .sources import FLOAT_DTYPES, fp8_tables, source_meta
 
 
 class SegmentLike(Protocol):
-    key: PackedTensor | ExactTensor
-    value: PackedTensor | ExactTensor
+    key: PackedTensor | ExactTensor | PagedPart
+    value: PackedTensor | ExactTensor | PagedPart
     num_tokens: int
 
 
@@ -38,7 +39,8 @@ def fused_attention(
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` (batch, q_heads, q_len, head_dim) over the keys and values of
-    ``segments`` in order, each (batch, kv_heads, >= num_tokens, head_dim), read in place.
+    ``segments`` in order, each (batch, kv_heads, >= num_tokens, head_dim), read in place; a
+    `PagedPart` through its block table (``num_tokens`` a whole number of its blocks).
 
     ``attention_mask``: None or (batch | 1, q_heads | 1, q_len, total_tokens), bool (True: attend)
     or additive float. ``causal`` applies when the mask is None: query i sees tokens up to
@@ -79,9 +81,10 @@ def fused_attention(
     )
 
 
-def dequantize_into(part: PackedTensor, out: torch.Tensor) -> torch.Tensor:
+def dequantize_into(part: PackedTensor | PagedPart, out: torch.Tensor) -> torch.Tensor:
     """Write ``part`` (batch, heads, tokens, head_dim) dequantized into ``out`` (same shape, float
-    dtype, contiguous rows) with the native kernel; returns ``out``."""
+    dtype, contiguous rows) with the native kernel; a `PagedPart` is read through its block table
+    into ``out`` (batch, heads, num_tokens, head_dim). Returns ``out``."""
     ext = cpu_extension()
     if ext is None:
         raise ValueError("kernel: the native CPU kernels are not available (see the build warning)")

@@ -3,9 +3,16 @@
 Row fields (``META_FIELDS``, mirrored in ``csrc/decode.h``): kind (0 exact values, 1 integer
 codes, 2 codes read through a 256-entry table, i.e. FP8), bits, axis (0 per-token, 1 per-channel),
 group size, mid (code offset of symmetric integer codes), indices of the codes (or values), scale
-and zero tensors in the list (-1: absent) and the table row (0 e4m3, 1 e5m2).
+and zero tensors in the list (-1: absent), the table row (0 e4m3, 1 e5m2), then the paging fields:
+index of the int32 block table (-1: not paged), tokens per block, blocks per slab, slab count and
+tensors per slab in the list.
 
-The kernels check (TORCH_CHECK) that every tensor is 4-D with contiguous rows.
+A `PagedPart` appends every slab's tensors in slab order, then its table: the data, scale and zero
+indices name slab 0's tensors, slab ``j``'s are at ``index + j * slab_stride``. The kernels read
+token ``t`` of batch row ``b`` in block ``table[b, t // block]`` (see `quant.paged`).
+
+The kernels check (TORCH_CHECK) that every tensor is 4-D with contiguous rows, and the shapes,
+table and block ids of paged sources.
 """
 
 from __future__ import annotations
@@ -16,10 +23,15 @@ import torch
 
 from ..quant.exact import ExactTensor
 from ..quant.packed import PackedTensor
+from ..quant.paged import PagedPart
 from ..quant.primitives import FP8_DTYPES
 from ..quant.spec import Axis, Format, QuantSpec
 
-META_FIELDS = ("kind", "bits", "axis", "group", "mid", "data", "scale", "zero", "lut")
+META_FIELDS = (
+    "kind", "bits", "axis", "group", "mid", "data", "scale", "zero", "lut",
+    "table", "block", "per_slab", "slabs", "slab_stride",
+)  # fmt: skip
+NOT_PAGED = [-1, 0, 1, 1, 0]  # table, block, per_slab, slabs, slab_stride
 EXACT, INT, LUT = 0, 1, 2
 LUT_ROWS = (Format.FP8_E4M3, Format.FP8_E5M2)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -42,25 +54,58 @@ def _spec_fields(spec: QuantSpec) -> tuple[int, int, int, int, int, int]:
     return kind, spec.bits, axis, spec.group_size, mid, lut
 
 
-def source_meta(part: PackedTensor | ExactTensor, tensors: list[torch.Tensor]) -> list[int]:
+def source_meta(part: PackedTensor | ExactTensor | PagedPart, tensors: list[torch.Tensor]) -> list[int]:
     """The meta row of ``part``; its tensors are appended to ``tensors``."""
+    if isinstance(part, PagedPart):
+        return _paged_meta(part, tensors)
     n = len(tensors)
     if isinstance(part, ExactTensor):
         tensors.append(part.values)
-        return [EXACT, 0, 0, 1, 0, n, -1, -1, 0]
+        return [EXACT, 0, 0, 1, 0, n, -1, -1, 0, *NOT_PAGED]
     kind, bits, axis, group, mid, lut = _spec_fields(part.spec)
     tensors.append(part.codes)
     tensors.append(part.scale)
     if part.zero is None:
-        return [kind, bits, axis, group, mid, n, n + 1, -1, lut]
+        return [kind, bits, axis, group, mid, n, n + 1, -1, lut, *NOT_PAGED]
     tensors.append(part.zero)
-    return [kind, bits, axis, group, mid, n, n + 1, n + 2, lut]
+    return [kind, bits, axis, group, mid, n, n + 1, n + 2, lut, *NOT_PAGED]
 
 
-def readable(part: PackedTensor | ExactTensor) -> bool:
+def _paged_meta(part: PagedPart, tensors: list[torch.Tensor]) -> list[int]:
+    """Every slab's tensors (same format, so the same row but for indices), then the table."""
+    if not part.slabs:
+        raise ValueError("paged part: no slabs")
+    first = len(tensors)
+    row = source_meta(part.slabs[0], tensors)
+    stride = len(tensors) - first
+    for j, slab in enumerate(part.slabs[1:], 1):
+        shifted = [-1 if i < 0 else i + j * stride for i in row[5:8]]
+        if source_meta(slab, tensors) != [*row[:5], *shifted, *row[8:]]:
+            raise ValueError(f"paged part: slab {j} has another format than slab 0; all slabs must share one")
+    tensors.append(part.table)
+    return [*row[:9], len(tensors) - 1, part.block_size, part.per_slab, len(part.slabs), stride]
+
+
+def readable(part: PackedTensor | ExactTensor | PagedPart) -> bool:
     """Whether the CPU kernels can read ``part`` in place: cpu tensors with contiguous rows (and a
     float dtype for exact values), integer or FP8 codes without an outlier side store (codebook
-    and outlier formats are read by ``PackedTensor.dequantize`` only)."""
+    and outlier formats are read by ``PackedTensor.dequantize`` only). A `PagedPart`: every slab
+    readable, of one format and with the same strides as slab 0 (but along blocks), and an int32
+    cpu table (batch, blocks) with contiguous rows."""
+    if isinstance(part, PagedPart):
+        table = part.table
+        if table.dim() != 2 or table.dtype != torch.int32 or table.device.type != "cpu":
+            return False
+        if table.stride(-1) != 1 or not part.slabs or not all(readable(s) for s in part.slabs):
+            return False
+        first = part.slabs[0]
+
+        def layout(slab: PackedTensor | ExactTensor) -> list:
+            return [type(slab), getattr(slab, "spec", None)] + [
+                (t.dtype, t.shape[1:], t.stride()[1:]) for t in slab.tensors()
+            ]
+
+        return all(layout(s) == layout(first) for s in part.slabs)
     if isinstance(part, ExactTensor) and part.values.dtype not in FLOAT_DTYPES:
         return False
     if isinstance(part, PackedTensor) and not part.spec.is_plain:

@@ -7,6 +7,10 @@ in registers, and returns its output and log-sum-exp. Exact segments (sinks, win
 and any other page format (FP8, 3-bit, other grouping axes) are computed in torch on the
 dequantized page. All partial results are merged by log-sum-exp in torch.
 
+Paged segments (`PagedPart`, read through block tables by the CPU kernels) are first copied into
+contiguous storage with ``PagedPart.gather``: a fallback, costing one copy of the segment per call,
+until the Triton program reads the tables itself.
+
 Honest limits: each query head re-reads its KV head's codes (GQA groups are not shared within a
 program; the GPU's L2 absorbs most of it), the merge is in torch, and it is tested only through
 ``TRITON_INTERPRET=1`` on CPU tensors, not benchmarked on a GPU.
@@ -22,6 +26,7 @@ import torch
 
 from ..quant.exact import ExactTensor
 from ..quant.packed import PackedTensor
+from ..quant.paged import PagedPart
 from ..quant.spec import Axis
 
 BLOCK_T = 16
@@ -92,10 +97,12 @@ def fused_attention(
     for seg in segments:
         n = seg.num_tokens
         seg_bias = None if bias is None else bias[..., pos : pos + n]
-        if _kernel_reads(seg.key, True) and _kernel_reads(seg.value, False):
-            parts.append(_triton_part(query, seg.key, seg.value, n, seg_bias, scaling))
+        # Fallback until the kernel reads block tables: paged parts as one contiguous copy.
+        key, value = (p.gather() if isinstance(p, PagedPart) else p for p in (seg.key, seg.value))
+        if _kernel_reads(key, True) and _kernel_reads(value, False):
+            parts.append(_triton_part(query, key, value, n, seg_bias, scaling))
         else:
-            k, v = (p.slice_tokens(0, n).dequantize(dtype=torch.float32) for p in (seg.key, seg.value))
+            k, v = (p.slice_tokens(0, n).dequantize(dtype=torch.float32) for p in (key, value))
             parts.append(_torch_part(query, k, v, seg_bias, scaling))
         pos += n
     return _merge(parts, sinks).to(query.dtype).transpose(1, 2).contiguous()

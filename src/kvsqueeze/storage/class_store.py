@@ -41,7 +41,10 @@ class ClassStore:
             self.pages_k, self.pages_v = ExactChunks(), ExactChunks()
             self.stage_k = self.stage_v = None
         else:
-            self.pages_k, self.pages_v = PagedStore(key, page_tokens), PagedStore(value, page_tokens)
+            self.pages_k, self.pages_v = (
+                PagedStore(key, block_size, page_tokens),
+                PagedStore(value, block_size, page_tokens),
+            )
             self.stage_k, self.stage_v = ExactBuffer(block_size, step=1), ExactBuffer(block_size, step=1)
         self.set_dtype(dtype)
 

@@ -24,6 +24,7 @@ import torch
 
 from ..config import CacheConfig
 from ..policies.window import SinkWindowPolicy
+from .block_pool import BlockPool
 from .exact_buffer import ExactBuffer
 from .pages import PagedStore
 from .row_sinks import RowSinks
@@ -47,7 +48,10 @@ class DraftReads:
 
 
 class LayerStore:
-    """Keys and values of one layer, shape (batch, kv_heads, tokens, head_dim) each."""
+    """Keys and values of one layer, shape (batch, kv_heads, tokens, head_dim) each.
+
+    ``pools``: the (keys, values) block pools of a shared `prefix_cache.KVPool`; None: pools of
+    its own."""
 
     def __init__(
         self,
@@ -55,6 +59,7 @@ class LayerStore:
         key_transform: PageTransform | None = None,
         value_transform: PageTransform | None = None,
         name: str = "layer",
+        pools: tuple[BlockPool, BlockPool] | None = None,
     ) -> None:
         self.policy = SinkWindowPolicy(config.sink_tokens, config.residual_window, config.block_size)
         self.sink_k, self.sink_v = ExactBuffer(config.sink_tokens), ExactBuffer(config.sink_tokens)
@@ -65,8 +70,10 @@ class LayerStore:
             ExactBuffer(window_capacity, step=1),
             ExactBuffer(window_capacity, step=1),
         )
-        self.packed_k = PagedStore(config.key, config.page_tokens, key_transform, name=f"{name} keys")
-        self.packed_v = PagedStore(config.value, config.page_tokens, value_transform, name=f"{name} values")
+        b, page = config.block_size, config.page_tokens
+        pool_k, pool_v = pools or (None, None)  # None: the store's own pools
+        self.packed_k = PagedStore(config.key, b, page, key_transform, f"{name} keys", pool_k)
+        self.packed_v = PagedStore(config.value, b, page, value_transform, f"{name} values", pool_v)
         # tokens not yet accepted while recording the past (empty otherwise)
         self.pending_k, self.pending_v = ExactBuffer(None, step=16), ExactBuffer(None, step=16)
         self.record_past = False
@@ -89,8 +96,7 @@ class LayerStore:
         for buf in (self.sink_k, self.window_k, self.pending_k):
             if buf.data is not None:
                 return buf.data.shape[0]
-        pages = self.packed_k.pages
-        return pages[0].tensors()[0].shape[0] if pages else 0
+        return self.packed_k.tables.batch_size
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store new tokens ``key``, ``value`` (batch, kv_heads, n, head_dim); while recording the
@@ -232,8 +238,9 @@ class LayerStore:
         """Bytes held, by part."""
         return {
             "sinks": self.sink_k.nbytes + self.sink_v.nbytes + self.row_sinks.nbytes,
-            "packed_keys": self.packed_k.nbytes,
-            "packed_values": self.packed_v.nbytes,
+            "packed_keys": self.packed_k.block_nbytes,
+            "packed_values": self.packed_v.block_nbytes,
+            "block_tables": self.packed_k.tables.nbytes + self.packed_v.tables.nbytes,
             "residual": self.window_k.nbytes
             + self.window_v.nbytes
             + self.pending_k.nbytes

@@ -1,142 +1,107 @@
-"""`PagedStore`: one layer's packed keys (or values), in pages of ``page_tokens`` tokens; the last
-page grows with its tokens (whole blocks), so the bytes held are the bytes of the tokens stored.
+"""`PagedStore`: one layer's packed keys (or values) of a batch, in blocks of a `BlockPool`.
 
-A page holds ``page_tokens`` tokens in one format (`PackedTensor`, or `ExactTensor` when the spec
-is None). An optional `PageTransform` (pre-RoPE, rotation) is applied before quantization; the
-readers undo it with `restore_`. Tokens are appended in whole blocks, written once and never re-quantized; appending
-costs O(new tokens) and never copies what is already stored.
+Each row of the batch holds its own blocks (`BlockTables`); the pool's blocks have no batch
+dimension. Tokens are appended in whole blocks, quantized once and never touched again; appending
+costs O(new tokens) and never copies what is already stored. An optional `PageTransform`
+(pre-RoPE, rotation) is applied before quantization; the readers undo it with `restore_`.
 
-Metadata range (`quant.overflow`): when a block's scales, zero points or outlier values do not
-fit the spec's ``scale_dtype`` (K/V beyond ±65504 with float16 metadata), the store switches to
-float32 metadata from that block on: ``spec`` becomes the widened spec, the existing pages are
-converted (exactly, once) and a `MetadataOverflowWarning` names the store, the magnitude and the
-dtype. All pages then share one format and `nbytes` counts the wider metadata.
+The pool is the store's own (default: it holds exactly the blocks of this store's rows, freed ones
+included until reused) or shared with other stores (``pool=``; `nbytes` then counts the distinct
+blocks this store references). Metadata overflow (`quant.overflow`) and exact dtypes widen the
+pool, see `block_pool`.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
 
 from ..kernels.dequantize import dequantize_into
 from ..quant.exact import ExactTensor
-from ..quant.overflow import MetadataOverflowWarning, metadata_amax
 from ..quant.packed import PackedTensor
+from ..quant.paged import PagedPart
 from ..quant.spec import QuantSpec
+from .block_pool import BlockPool
+from .block_table import BlockTables
 from .transform import PageTransform
 
-Page = PackedTensor | ExactTensor
+Page = PackedTensor | ExactTensor | PagedPart
 
 
 class PagedStore:
     """Packed history of one tensor kind of one layer, shape (batch, kv_heads, num_tokens, head_dim).
 
-    ``name`` (e.g. ``"layer 3 keys"``) only labels the metadata-overflow warning.
+    ``name`` (e.g. ``"layer 3 keys"``) labels the pool's metadata-overflow warning; ``page_tokens``
+    sets the pool's slab size (``page_tokens / block_size`` blocks per slab).
     """
 
     def __init__(
         self,
         spec: QuantSpec | None,
+        block_size: int,
         page_tokens: int,
         transform: PageTransform | None = None,
         name: str = "packed store",
+        pool: BlockPool | None = None,
     ) -> None:
-        self.spec = spec
+        self.owns_pool = pool is None
+        self.pool = pool or BlockPool(spec, block_size, max(1, page_tokens // block_size), name=name)
+        self.block_size = block_size
         self.name = name
-        self.page_tokens = page_tokens
         self.transform = None if transform is None or transform.is_identity or spec is None else transform
-        self.pages: list[Page] = []
-        self.num_tokens = 0
+        self.tables = BlockTables()
 
-    def _new_page(self, like: torch.Tensor, tokens: int) -> Page:
-        b, h, _, d = like.shape
-        if self.spec is None:
-            return ExactTensor.empty(b, h, tokens, d, like.dtype, like.device)
-        return PackedTensor.empty(b, h, tokens, d, self.spec, like.device)
+    @property
+    def spec(self) -> QuantSpec | None:
+        return self.pool.spec
 
-    def _room(self, like: torch.Tensor, page_idx: int, needed: int) -> Page:
-        """Page ``page_idx`` with room for ``needed`` tokens: the last page grows with its tokens
-        (whole blocks, up to ``page_tokens``), so a store holds the bytes of its tokens, not of a
-        page; earlier pages are full and never touched again."""
-        if page_idx == len(self.pages):
-            self.pages.append(self._new_page(like, needed))
-        page = self.pages[page_idx]
-        held = page.num_tokens
-        if held < needed:
-            grown = self._new_page(like, needed)
-            used = min(held, self.num_tokens - page_idx * self.page_tokens)
-            grown.slice_tokens(0, used).copy_(page.slice_tokens(0, used))
-            self.pages[page_idx] = page = grown
-        return page
-
-    def _encode(self, x: torch.Tensor) -> Page:
-        return ExactTensor(x) if self.spec is None else PackedTensor.from_float(x, self.spec)
+    @property
+    def num_tokens(self) -> int:
+        return self.tables.num_blocks * self.block_size
 
     def append(self, x: torch.Tensor) -> None:
         """Quantize and store ``x`` (batch, kv_heads, n, head_dim), n a whole number of blocks."""
         if self.transform is not None:
             x = self.transform.encode(x, self.num_tokens)
-        if self.spec is None and self.pages:  # exact pages share one dtype, widened by their tokens
-            wide = torch.promote_types(self.pages[0].values.dtype, x.dtype)
-            if wide != self.pages[0].values.dtype:
-                self.pages = [ExactTensor(page.values.to(wide)) for page in self.pages]
-            x = x.to(wide)
-        encoded = self._encode(x)
-        if isinstance(encoded, PackedTensor) and encoded.spec is not self.spec:
-            self._widen(encoded)
-        done = 0
-        while done < x.shape[-2]:
-            page_idx, offset = divmod(self.num_tokens, self.page_tokens)
-            n = min(self.page_tokens - offset, x.shape[-2] - done)
-            page = self._room(x, page_idx, offset + n)
-            page.slice_tokens(offset, offset + n).copy_(encoded.slice_tokens(done, done + n))
-            done += n
-            self.num_tokens += n
+        blocks = self.pool.encode(x)
+        b, nb = x.shape[0], x.shape[-2] // self.block_size
+        ids = self.pool.allocate(b * nb, like=x)
+        self.pool.write(ids, blocks)
+        self.tables.append(ids.view(b, nb))
+
+    def append_blocks(self, ids: torch.Tensor) -> None:
+        """Add held blocks ``ids`` (batch, n) of the pool (e.g. a prefix-cache hit) after each row's
+        blocks; takes one more reference to each."""
+        self.pool.incref(ids.flatten())
+        self.tables.append(ids)
 
     def preview(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``x`` (batch, kv_heads, n, head_dim), n whole blocks, as it reads back once appended here
         (quantized, dequantized, transform undone), in ``dtype``; nothing is stored. What the assisted
         decoding's verification reads for tokens plain decoding would already have quantized."""
-        encoded = self._encode(x if self.transform is None else self.transform.encode(x, self.num_tokens))
+        if self.transform is not None:
+            x = self.transform.encode(x, self.num_tokens)
+        encoded = ExactTensor(x) if self.spec is None else PackedTensor.from_float(x, self.spec)
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
         dequantize_into(encoded, out)
         return self.restore_(out, self.num_tokens)
 
-    def _widen(self, encoded: PackedTensor) -> None:
-        """Switch to the (float32) metadata of ``encoded``, whose own metadata overflowed this spec."""
-        assert self.spec is not None
-        old, new = self.spec, encoded.spec
-        warnings.warn(
-            f"{self.name}: K/V metadata (scales, zero points, outlier values) of magnitude up to "
-            f"{metadata_amax(encoded.scale, encoded.zero, encoded.outlier_value):.6g} overflow scale_dtype "
-            f"{old.scale_dtype} (largest finite {torch.finfo(old.torch_scale_dtype).max:.6g}); this store "
-            f"keeps {new.scale_dtype} metadata from now on ({old.bits_per_element:g} -> "
-            f"{new.bits_per_element:g} bits per element)",
-            MetadataOverflowWarning,
-            stacklevel=3,
-        )
-        self.spec = new
-        packed = [page for page in self.pages if isinstance(page, PackedTensor)]
-        assert len(packed) == len(self.pages), "a quantized store holds packed pages only"
-        self.pages = [page.with_metadata_of(new) for page in packed]
+    def part(self) -> PagedPart | None:
+        """The stored tokens of every row, read in place through the block tables (None when empty)."""
+        table = self.tables.view()
+        return None if table is None or not self.num_tokens else self.pool.part(table, self.num_tokens)
 
     def filled(self) -> list[Page]:
-        """Views of the stored tokens, page by page (what a fused reader iterates over)."""
-        out = []
-        for i, page in enumerate(self.pages):
-            n = min(self.page_tokens, self.num_tokens - i * self.page_tokens)
-            if n > 0:
-                out.append(page.slice_tokens(0, n))
-        return out
+        """The stored tokens as parts a reader iterates over (one `PagedPart`, or none)."""
+        part = self.part()
+        return [] if part is None else [part]
 
     def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
         """Write all stored tokens, dequantized, into ``out`` (batch, kv_heads, num_tokens, head_dim)."""
-        start = 0
-        for page in self.filled():
-            page.dequantize(out=out[:, :, start : start + page.num_tokens])
-            start += page.num_tokens
+        part = self.part()
+        if part is not None:
+            dequantize_into(part, out)
         return self.restore_(out, 0)
 
     def restore_(self, out: torch.Tensor, start: int) -> torch.Tensor:
@@ -145,18 +110,29 @@ class PagedStore:
         return out if self.transform is None else self.transform.decode_(out, start)
 
     @property
+    def block_nbytes(self) -> int:
+        """Bytes of the blocks: the own pool's (freed ones included until reused), or in a shared
+        pool the distinct blocks this store references."""
+        if self.owns_pool:
+            return self.pool.nbytes
+        table = self.tables.view()
+        return (0 if table is None else int(table.unique().numel())) * self.pool.block_nbytes
+
+    @property
     def nbytes(self) -> int:
-        """Bytes held by all pages (the last one holds just its tokens)."""
-        return sum(page.nbytes for page in self.pages)
+        """Bytes held: `block_nbytes` plus the block tables."""
+        return self.block_nbytes + self.tables.nbytes
 
     def tensors(self) -> list[torch.Tensor]:
-        """The storage of every page (for walks independent of `nbytes`)."""
-        return [t for page in self.pages for t in page.tensors()]
+        """The storage held (own pool's slabs and the tables), for walks independent of `nbytes`."""
+        own = self.pool.tensors() if self.owns_pool else []
+        return own + self.tables.tensors()
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Apply a batch-dimension operation (select, reorder, repeat) to every page."""
-        self.pages = [page.map(fn) for page in self.pages]
+        """Apply a batch-dimension operation (select, reorder, repeat) to the block tables."""
+        self.tables.map_batch(fn, self.pool)
 
     def clear(self) -> None:
-        self.pages = []
-        self.num_tokens = 0
+        self.tables.release(self.pool)
+        if self.owns_pool:
+            self.pool.clear()

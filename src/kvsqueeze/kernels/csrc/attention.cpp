@@ -2,8 +2,9 @@
 // place: online softmax per work item (batch, kv head, block of query rows, split of the tokens),
 // then a log-sum-exp merge of the splits (flash-decoding).
 //
-// query (B, Hq, Lq, D); every source (B, Hkv, >= T_seg, D); mask None or (B|1, Hq|1, Lq, T),
-// bool or float32 (additive); causal (used without a mask): query i sees t <= T - Lq + i;
+// query (B, Hq, Lq, D); every source (B, Hkv, >= T_seg, D) or paged (blocks of it, see decode.h);
+// mask None or (B|1, Hq|1, Lq, T), bool or float32 (additive); causal (used without a mask): query
+// i sees t <= T - Lq + i;
 // sinks None or (B, Hq, Lq) float32: one extra logit per query row in the softmax denominator whose
 // value is zero (GPT-OSS attention sinks), applied when the rows are written.
 // Returns (B, Lq, Hq, D) in the query's dtype, the layout transformers' attention functions return.
@@ -109,7 +110,7 @@ at::Tensor fused_attention(const at::Tensor& query, const std::vector<at::Tensor
 
   Problem p;
   p.B = query.size(0), p.Hq = query.size(1), p.Lq = query.size(2), p.D = query.size(3);
-  p.Hkv = tensors.at(meta[5]).size(1);
+  p.Hkv = tensors.at(meta[kData]).size(1);  // slab 0's tensor when paged: (blocks, Hkv, ...)
   TORCH_CHECK(p.Hq % p.Hkv == 0, "kvsqueeze: query heads must be a multiple of kv heads");
   p.G = p.Hq / p.Hkv, p.R = p.G * p.Lq;
   p.seg_start.assign(1, 0);

@@ -14,5 +14,6 @@ void dequantize_into(const std::vector<at::Tensor>& tensors, const std::vector<i
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_attention", &kvsqueeze::fused_attention, "Attention over exact and packed K/V segments");
-  m.def("dequantize_into", &kvsqueeze::dequantize_into, "Dequantize one packed page into a float tensor");
+  m.def("dequantize_into", &kvsqueeze::dequantize_into,
+        "Dequantize one packed page (or a paged part) into a float tensor");
 }

@@ -1,7 +1,7 @@
 // Tile decoding: one K or V source of one segment (exact or packed), a few tokens at a time.
 //
 // A source is described by a row of `kMetaFields` int64 values built in Python
-// (kvsqueeze/kernels/segments.py) plus the tensors it names by index:
+// (kvsqueeze/kernels/sources.py) plus the tensors it names by index:
 //   kind   0 exact values (float32 / float16 / bfloat16), 1 integer codes, 2 codes through a LUT (fp8)
 //   bits   2, 3, 4 or 8 (packed "planar" layout, see kvsqueeze/quant/packing.py)
 //   axis   0 per-token groups (scale (B, H, T, D/g)), 1 per-channel groups (scale (B, H, T/g, D))
@@ -9,30 +9,64 @@
 //   mid    code offset of symmetric codes: x = (code - mid) * scale; 0 otherwise
 //   data, scale, zero   indices into the tensor list (-1: absent)
 //   lut    row of the LUT tensor (256 floats per row) for kind 2
+//   table  index of the int32 block table (B, >= T / block) of a paged source (-1: not paged)
+//   block, per_slab, slabs, slab_stride   paged sources: tokens per block, blocks per slab, slab
+//          count, tensors per slab in the list (data/scale/zero name slab 0's; slab j's are at
+//          index + j * slab_stride)
 // Dequantized value: x = value(code) * scale + offset, offset = zero if present else -mid * scale.
+//
+// Paged sources (kvsqueeze/quant/paged.py) hold every tensor as (blocks, H, rows per block, ...):
+// token t of batch row b lives in block id = table[b][t / block], i.e. slab id / per_slab at index
+// id % per_slab, row t % block (scale rows: (t % block) / group per-channel, t % block per-token).
+// Readers look the table up once per block (`Span`) and never let a tile cross a block.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 namespace kvsqueeze {
 
-constexpr int kMetaFields = 9;
+constexpr int kMetaFields = 14;
 enum Kind : int64_t { kExact = 0, kInt = 1, kLut = 2 };
+enum Field : int { kKind, kBits, kAxis, kGroup, kMid, kData, kScale, kZero, kLutRow, kTable, kBlock, kPerSlab,
+                   kSlabs, kSlabStride };
 
 struct Strided {
   const char* ptr = nullptr;
   int64_t sb = 0, sh = 0, st = 0;  // strides of dims 0, 1, 2, in elements
   at::ScalarType dtype = at::kFloat;
+  int64_t es = 4;  // element bytes
+  struct Slab {
+    const char* ptr;
+    int64_t sb;
+  };
+  std::vector<Slab> slabs;  // paged: every slab's pointer and dim-0 stride (dims 1, 2 share sh, st)
+
+  // Row 0 of (i0, h): i0 a batch row, or block i0 of the slab at `base`.
+  const char* addr(const char* base, int64_t sb_, int64_t i0, int64_t h) const {
+    return base ? base + (i0 * sb_ + h * sh) * es : nullptr;
+  }
+  int64_t row_bytes() const { return st * es; }
+};
+
+// Base pointers (row 0) of the codes (or values), scales and zero points of one (b, h) of a source
+// for tokens [first, end): the whole row when not paged (first 0, end unbounded), else one block.
+// Token t's codes are at data + (t - first) * data.row_bytes(); its scale row is (t - first) / group
+// rows (per-channel) or t - first rows (per-token) past `scale`.
+struct Span {
+  const char *data = nullptr, *scale = nullptr, *zero = nullptr;
+  int64_t first = 0, end = -1;  // end -1: nothing yet
 };
 
 inline Strided strided(const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1 && t.device().is_cpu(),
               "kvsqueeze: expected a 4-D cpu tensor with a contiguous last dim");
-  return {static_cast<const char*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.scalar_type()};
+  return {static_cast<const char*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.scalar_type(),
+          static_cast<int64_t>(t.element_size()), {}};
 }
 
 inline float load_float(const char* base, at::ScalarType dtype, int64_t i) {
@@ -52,41 +86,134 @@ inline float round_to(float x, at::ScalarType dtype) {
   }
 }
 
-inline int64_t element_bytes(at::ScalarType dtype) { return static_cast<int64_t>(c10::elementSize(dtype)); }
-
 struct Source {
   int64_t kind = kExact, bits = 8, axis = 0, group = 1, mid = 0;
   Strided data, scale, zero;
   bool has_zero = false;
   const float* lut = nullptr;
+  // Paged sources: the table, its row stride, tokens and scale rows per block, the pool's layout.
+  bool is_paged = false;
+  const int32_t* table = nullptr;
+  int64_t table_stride = 0, block = 0, scale_block = 0, per_slab = 1, slabs = 1, slab_stride = 0;
 
   Source(const std::vector<at::Tensor>& tensors, const int64_t* m, const at::Tensor& luts)
-      : kind(m[0]), bits(m[1]), axis(m[2]), group(m[3]), mid(m[4]) {
-    data = strided(tensors.at(m[5]));
-    if (m[6] >= 0) scale = strided(tensors.at(m[6]));
-    if (m[7] >= 0) {
-      zero = strided(tensors.at(m[7]));
+      : kind(m[kKind]), bits(m[kBits]), axis(m[kAxis]), group(m[kGroup]), mid(m[kMid]) {
+    data = strided(tensors.at(m[kData]));
+    if (m[kScale] >= 0) scale = strided(tensors.at(m[kScale]));
+    if (m[kZero] >= 0) {
+      zero = strided(tensors.at(m[kZero]));
       has_zero = true;
     }
-    if (kind == kLut) lut = luts.data_ptr<float>() + 256 * m[8];
+    if (kind == kLut) lut = luts.data_ptr<float>() + 256 * m[kLutRow];
+    if (m[kTable] < 0) return;
+    block = m[kBlock], per_slab = m[kPerSlab], slabs = m[kSlabs], slab_stride = m[kSlabStride];
+    TORCH_CHECK(block > 0 && per_slab > 0 && slabs > 0 && slab_stride > 0 && group > 0,
+                "kvsqueeze: paged source: block, per_slab, slabs and slab_stride must be positive");
+    scale_block = axis == 1 ? block / group : block;
+    const int64_t last = std::max({m[kData], m[kScale], m[kZero]}) + (slabs - 1) * slab_stride;
+    TORCH_CHECK(last < static_cast<int64_t>(tensors.size()) && m[kTable] < static_cast<int64_t>(tensors.size()),
+                "kvsqueeze: paged source: slab or table index beyond the tensor list");
+    const at::Tensor& tab = tensors.at(m[kTable]);
+    TORCH_CHECK(tab.dim() == 2 && tab.scalar_type() == at::kInt && tab.device().is_cpu() &&
+                    (tab.size(1) <= 1 || tab.stride(1) == 1),
+                "kvsqueeze: block table must be a 2-D int32 cpu tensor with contiguous rows");
+    is_paged = true, table = tab.data_ptr<int32_t>(), table_stride = tab.stride(0);
+    for (Strided* s : {&data, &scale, &zero}) {
+      const int64_t i = s == &data ? m[kData] : s == &scale ? m[kScale] : m[kZero];
+      if (i < 0) continue;
+      for (int64_t j = 0; j < slabs; ++j) {
+        const at::Tensor& t = tensors.at(i + j * slab_stride);
+        TORCH_CHECK(t.dim() == 4 && t.device().is_cpu() && t.scalar_type() == s->dtype && t.stride(1) == s->sh &&
+                        t.stride(2) == s->st && t.stride(3) == 1,
+                    "kvsqueeze: paged source: every slab must share slab 0's dtype and strides of dims 1-3");
+        s->slabs.push_back({static_cast<const char*>(t.data_ptr()), t.stride(0)});
+      }
+    }
   }
+
+  bool paged() const { return is_paged; }
+
+  // Tokens from t to the end of its block (unbounded when not paged).
+  int64_t run(int64_t t) const { return is_paged ? block - t % block : INT64_MAX; }
+
+  // The span holding token t of (b, h): one table lookup when paged.
+  Span span(int64_t b, int64_t h, int64_t t) const {
+    if (!is_paged)
+      return {data.addr(data.ptr, data.sb, b, h), scale.addr(scale.ptr, scale.sb, b, h),
+              zero.addr(zero.ptr, zero.sb, b, h), 0, INT64_MAX};
+    const int64_t k = t / block, id = table[b * table_stride + k], s = id / per_slab, local = id - s * per_slab;
+    auto base = [&](const Strided& x) {
+      return x.slabs.empty() ? nullptr : x.addr(x.slabs[s].ptr, x.slabs[s].sb, local, h);
+    };
+    return {base(data), base(scale), base(zero), k * block, (k + 1) * block};
+  }
+
+  // Scale row of token t in `sp`, counted from sp.scale.
+  int64_t scale_row(const Span& sp, int64_t t) const { return axis == 1 ? (t - sp.first) / group : t - sp.first; }
 
   // Checks the shapes against (B, H, >= T tokens, D) before any pointer arithmetic.
   void check(const std::vector<at::Tensor>& tensors, const int64_t* m, int64_t B, int64_t H, int64_t T,
              int64_t D) const {
-    const at::Tensor& d = tensors.at(m[5]);
+    if (is_paged) return check_paged(tensors, m, B, H, T, D);
+    const at::Tensor& d = tensors.at(m[kData]);
     TORCH_CHECK(d.size(0) == B && d.size(1) == H && d.size(2) >= T, "kvsqueeze: source shape mismatch");
+    check_columns(d, D);
+    if (kind == kExact) return;
+    const at::Tensor& s = tensors.at(m[kScale]);
+    const int64_t rows = axis == 1 ? (T + group - 1) / group : T, cols = axis == 1 ? D : D / group;
+    TORCH_CHECK(s.size(0) == B && s.size(1) == H && s.size(2) >= rows && s.size(3) == cols, "kvsqueeze: bad scales");
+    if (has_zero) TORCH_CHECK(tensors.at(m[kZero]).sizes() == s.sizes(), "kvsqueeze: bad zero points");
+  }
+
+ private:
+  // dtype and last dim of the codes (or values), the group against head_dim.
+  void check_columns(const at::Tensor& d, int64_t D) const {
     if (kind == kExact) {
       TORCH_CHECK(d.size(3) == D && (data.dtype == at::kFloat || data.dtype == at::kHalf || data.dtype == at::kBFloat16),
                   "kvsqueeze: exact values must be float (B, H, T, D)");
       return;
     }
     TORCH_CHECK(data.dtype == at::kByte && d.size(3) * 8 == D * bits && group > 0, "kvsqueeze: bad packed codes");
-    const at::Tensor& s = tensors.at(m[6]);
-    const int64_t rows = axis == 1 ? (T + group - 1) / group : T, cols = axis == 1 ? D : D / group;
     TORCH_CHECK(axis == 1 || D % group == 0, "kvsqueeze: group must divide head_dim");
-    TORCH_CHECK(s.size(0) == B && s.size(1) == H && s.size(2) >= rows && s.size(3) == cols, "kvsqueeze: bad scales");
-    if (has_zero) TORCH_CHECK(tensors.at(m[7]).sizes() == s.sizes(), "kvsqueeze: bad zero points");
+  }
+
+  // Paged: slabs (blocks, H, block rows, ...), all but the last of per_slab blocks; a table row per
+  // batch row with at least T / block ids, each naming a block of the pool.
+  void check_paged(const std::vector<at::Tensor>& tensors, const int64_t* m, int64_t B, int64_t H, int64_t T,
+                   int64_t D) const {
+    TORCH_CHECK(T % block == 0, "kvsqueeze: paged source: num_tokens ", T, " is not a multiple of the block size ",
+                block);
+    TORCH_CHECK(kind == kExact || axis == 0 || block % group == 0, "kvsqueeze: paged source: block size ", block,
+                " is not a multiple of the per-channel group ", group);
+    const int64_t cols = kind == kExact ? D : axis == 1 ? D : D / group;
+    int64_t pool = 0;
+    for (int64_t j = 0; j < slabs; ++j) {
+      const at::Tensor& d = tensors.at(m[kData] + j * slab_stride);
+      const int64_t n = d.size(0);
+      TORCH_CHECK(j + 1 < slabs ? n == per_slab : (n >= 1 && n <= per_slab), "kvsqueeze: paged source: slab ", j,
+                  " holds ", n, " blocks; allowed: ", per_slab, " (1 to ", per_slab, " for the last slab)");
+      TORCH_CHECK(d.size(1) == H && d.size(2) == block, "kvsqueeze: paged source: slab ", j, " is ", d.sizes(),
+                  "; expected (blocks, ", H, ", ", block, ", ...)");
+      check_columns(d, D);
+      for (int64_t i : {m[kScale], m[kZero]}) {
+        if (i < 0) continue;
+        const at::Tensor& s = tensors.at(i + j * slab_stride);
+        TORCH_CHECK(s.size(0) == n && s.size(1) == H && s.size(2) == scale_block && s.size(3) == cols,
+                    "kvsqueeze: paged source: slab ", j, " scales/zero points are ", s.sizes(), "; expected (", n,
+                    ", ", H, ", ", scale_block, ", ", cols, ")");
+      }
+      pool += n;
+    }
+    const at::Tensor& tab = tensors.at(m[kTable]);
+    const int64_t used = T / block;
+    TORCH_CHECK(tab.size(0) == B && tab.size(1) >= used, "kvsqueeze: paged source: block table is ", tab.sizes(),
+                "; expected (batch ", B, ", >= ", used, " blocks)");
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = 0; k < used; ++k) {
+        const int64_t id = table[b * table_stride + k];
+        TORCH_CHECK(id >= 0 && id < pool, "kvsqueeze: paged source: block id ", id, " (row ", b, ", block ", k,
+                    ") out of range; the pool holds ", pool, " blocks");
+      }
   }
 };
 
@@ -123,27 +250,33 @@ class TileDecoder {
   TileDecoder(const Source& src, int64_t D, at::ScalarType params_dtype = at::kFloat)
       : src_(src), D_(D), params_dtype_(params_dtype), s_(D), o_(D) {}
 
-  // Rows [t0, t0 + n) of (b, h): a pointer to n * D floats, either into `buf` or into the source.
+  // Tokens from t to the end of its block (unbounded when not paged).
+  int64_t run(int64_t t) const { return src_.run(t); }
+
+  // Rows [t0, t0 + n) of (b, h): a pointer to n * D floats, either into `buf` or into the source
+  // (float32 rows of one block only). Paged rows are read block by block.
   const float* decode(int64_t b, int64_t h, int64_t t0, int64_t n, float* buf) {
     const Strided& d = src_.data;
+    if (b != b_ || h != h_) {
+      b_ = b, h_ = h, row_ = -1, span_ = Span{};
+    }
     if (src_.kind == kExact) {
-      const int64_t es = element_bytes(d.dtype);
-      const char* base = d.ptr + (b * d.sb + h * d.sh) * es;
-      if (d.dtype == at::kFloat && d.st == D_) return reinterpret_cast<const float*>(base) + t0 * D_;
-      for (int64_t t = 0; t < n; ++t) {
-        const char* row = base + (t0 + t) * d.st * es;
-        for (int64_t c = 0; c < D_; ++c) buf[t * D_ + c] = load_float(row, d.dtype, c);
+      const Span& sp = span_at(t0);
+      if (d.dtype == at::kFloat && d.st == D_ && t0 + n <= sp.end)
+        return reinterpret_cast<const float*>(sp.data) + (t0 - sp.first) * D_;
+      for (int64_t t = t0; t < t0 + n; ++t) {
+        const Span& s = span_at(t);
+        const char* row = s.data + (t - s.first) * d.row_bytes();
+        float* out = buf + (t - t0) * D_;
+        for (int64_t c = 0; c < D_; ++c) out[c] = load_float(row, d.dtype, c);
       }
       return buf;
     }
-    if (b != b_ || h != h_) {
-      b_ = b, h_ = h, row_ = -1;
-    }
-    const uint8_t* codes = reinterpret_cast<const uint8_t*>(d.ptr) + b * d.sb + h * d.sh;
-    for (int64_t t = 0; t < n; ++t) {
-      float* out = buf + t * D_;
-      unpack(codes + (t0 + t) * d.st, out);
-      apply(b, h, t0 + t, out);
+    for (int64_t t = t0; t < t0 + n; ++t) {
+      const Span& s = span_at(t);
+      float* out = buf + (t - t0) * D_;
+      unpack(reinterpret_cast<const uint8_t*>(s.data) + (t - s.first) * d.st, out);
+      apply(s, t, out);
     }
     return buf;
   }
@@ -161,23 +294,28 @@ class TileDecoder {
     }
   }
 
-  // Scale and offset of scale row `row` (cols values) into s_, o_.
-  void load_row(int64_t b, int64_t h, int64_t row, int64_t cols) {
-    const Strided& s = src_.scale;
-    const int64_t es = element_bytes(s.dtype);
-    const char* sp = s.ptr + (b * s.sb + h * s.sh + row * s.st) * es;
-    const char* zp = src_.has_zero ? src_.zero.ptr + (b * s.sb + h * s.sh + row * s.st) * es : nullptr;
+  // The span of (b_, h_) holding token t (looked up again past its block).
+  const Span& span_at(int64_t t) {
+    if (t >= span_.end || t < span_.first) span_ = src_.span(b_, h_, t);
+    return span_;
+  }
+
+  // Scale and offset of scale row `row` of span `sp` (cols values) into s_, o_.
+  void load_row(const Span& sp, int64_t row, int64_t cols) {
+    const at::ScalarType dtype = src_.scale.dtype;
+    const char* sp_row = sp.scale + row * src_.scale.row_bytes();
+    const char* zp = src_.has_zero ? sp.zero + row * src_.zero.row_bytes() : nullptr;
     for (int64_t c = 0; c < cols; ++c) {
-      s_[c] = round_to(load_float(sp, s.dtype, c), params_dtype_);
-      o_[c] = zp ? round_to(load_float(zp, s.dtype, c), params_dtype_) : -static_cast<float>(src_.mid) * s_[c];
+      s_[c] = round_to(load_float(sp_row, dtype, c), params_dtype_);
+      o_[c] = zp ? round_to(load_float(zp, dtype, c), params_dtype_) : -static_cast<float>(src_.mid) * s_[c];
     }
   }
 
-  void apply(int64_t b, int64_t h, int64_t t, float* out) {
+  void apply(const Span& sp, int64_t t, float* out) {
     if (src_.axis == 1) {  // per-channel: one scale per channel, shared by `group` tokens
-      const int64_t row = t / src_.group;
+      const int64_t row = t / src_.group;  // of (b_, h_); blocks hold whole groups
       if (row != row_) {
-        load_row(b, h, row, D_);
+        load_row(sp, src_.scale_row(sp, t), D_);
         row_ = row;
       }
       const float* s = s_.data();
@@ -187,7 +325,7 @@ class TileDecoder {
       return;
     }
     const int64_t g = src_.group, groups = D_ / g;  // per-token: one scale per `group` channels
-    load_row(b, h, t, groups);
+    load_row(sp, t - sp.first, groups);
     for (int64_t k = 0; k < groups; ++k) {
       const float s = s_[k], o = o_[k];
       float* x = out + k * g;
@@ -201,6 +339,7 @@ class TileDecoder {
   at::ScalarType params_dtype_;
   std::vector<float> s_, o_;
   int64_t b_ = -1, h_ = -1, row_ = -1;
+  Span span_;
 };
 
 }  // namespace kvsqueeze

@@ -1,5 +1,6 @@
-// Dequantize one packed source (a page) into a preallocated float tensor: the native half of
-// the reference read path. out (B, H, T, D), float32 / float16 / bfloat16, last dim contiguous.
+// Dequantize one packed source (a page, or a paged part read through its block table) into a
+// preallocated float tensor: the native half of the reference read path. out (B, H, T, D),
+// float32 / float16 / bfloat16, last dim contiguous.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>

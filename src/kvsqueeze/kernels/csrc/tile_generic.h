@@ -2,6 +2,8 @@
 // grouping axis), any head_dim. Keys and values are decoded to float rows, then scored/accumulated.
 #pragma once
 
+#include <algorithm>
+
 #include "decode.h"
 #include "online_softmax.h"
 
@@ -19,8 +21,8 @@ inline void attend_generic(const Problem& p, const Mask& mask, int64_t b, int64_
                            int64_t seg0, int64_t a, int64_t e, TileDecoder& kdec, TileDecoder& vdec,
                            float* kbuf, float* vbuf, RowState& st) {
   const int64_t D = p.D;
-  for (int64_t t0 = a; t0 < e; t0 += kTile) {
-    const int64_t n = std::min(kTile, e - t0);
+  for (int64_t t0 = a; t0 < e;) {
+    const int64_t n = std::min({kTile, e - t0, kdec.run(t0), vdec.run(t0)});  // within a block when paged
     const float* K = kdec.decode(b, h, t0, n, kbuf);
     for (int64_t r = 0; r < nr; ++r) {
       float* sc = st.score(r);
@@ -39,6 +41,7 @@ inline void attend_generic(const Problem& p, const Mask& mask, int64_t b, int64_
         for (int64_t c = 0; c < D; ++c) acc[c] += w * v[c];
       }
     }
+    t0 += n;
   }
 }
 

@@ -7,6 +7,7 @@
 //           accumulated per channel group (zacc) and added once per segment.
 // (o is the zero point, or -mid * s for symmetric codes.) Up to 4 query rows are processed per
 // pass with their accumulators in registers, so each token's codes are unpacked once per pass.
+// Paged sources are read block by block (`Cursor`); the non-paged ones as one span per (b, h).
 #pragma once
 
 #include <algorithm>
@@ -26,6 +27,43 @@ inline bool packed_fast_path(const Source& k, const Source& v, int64_t D) {
   return (D == 64 || D == 128) && k.kind == kInt && v.kind == kInt && k.axis == 1 && v.axis == 0 &&
          bits_ok(k.bits) && bits_ok(v.bits) && v.group % kLanes == 0 && D % v.group == 0;
 }
+
+// The span of a source holding the current tile; paged, also the next block's, whose rows the
+// reader prefetches a block ahead, a tile at a time: scattered blocks break the hardware
+// prefetcher's stream at every block (measured: +35% time at 8 x 4096 tokens, beyond L2, vs +10%
+// with the prefetch). Not when the next block directly follows this one (the stream goes on).
+struct Cursor {
+  const Source& src;
+  int64_t b, h, e;  // (b, h), tokens before e
+  Span cur, next;
+  bool stream = false;  // next follows cur in memory
+
+  Cursor(const Source& s, int64_t b_, int64_t h_, int64_t e_) : src(s), b(b_), h(h_), e(e_) {}
+
+  void seek(int64_t t) {
+    if (t < cur.end) return;
+    cur = t >= next.first && t < next.end ? next : src.span(b, h, t);
+    next = src.paged() && cur.end < e ? src.span(b, h, cur.end) : Span{};
+    stream = next.data == cur.data + src.block * src.data.row_bytes();
+  }
+
+  // Prefetch the rows of the next block at the offsets of tokens [t, t + n) of this one (the
+  // per-channel scale rows with the block's first tile).
+  void prefetch(int64_t t, int64_t n) const {
+    if (next.data == nullptr || stream) return;
+    const int64_t i = t - cur.first;
+    lines(next.data + i * src.data.row_bytes(), n * src.data.row_bytes());
+    const int64_t r = src.axis == 1 ? (i == 0 ? 0 : -1) : i, m = src.axis == 1 ? src.scale_block : n;
+    if (r < 0) return;
+    lines(next.scale + r * src.scale.row_bytes(), m * src.scale.row_bytes());
+    if (next.zero) lines(next.zero + r * src.zero.row_bytes(), m * src.zero.row_bytes());
+  }
+
+  static void lines(const char* p, int64_t bytes) {
+    asm volatile("" : "+r"(p));  // a side effect: else GCC finds this function const and drops its calls
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+  }
+};
 
 // Scores of NR rows (from row r) for n tokens of codes kc (row stride kst bytes), into st.sc.
 template <int D, int KB, int NR>
@@ -77,30 +115,39 @@ template <int D, int KB, int VB>
 void attend_packed(const Problem& p, const Mask& mask, int64_t b, int64_t h, int64_t r0, int64_t nr,
                    int64_t seg0, int64_t a, int64_t e, const Source& ks, const Source& vs, RowState& st) {
   constexpr int C = D / kLanes;
-  const uint8_t* kc = reinterpret_cast<const uint8_t*>(ks.data.ptr) + b * ks.data.sb + h * ks.data.sh;
-  const uint8_t* vc = reinterpret_cast<const uint8_t*>(vs.data.ptr) + b * vs.data.sb + h * vs.data.sh;
-  const int64_t kes = element_bytes(ks.scale.dtype), ves = element_bytes(vs.scale.dtype);
   const int64_t groups = D / vs.group, chunks_per_group = vs.group / kLanes;
+  const int64_t vsst = vs.scale.row_bytes(), vzst = vs.zero.row_bytes();
   alignas(64) float vscale[C * kTile], voffset[C * kTile], wp[kRowBlockMax * C * kTile];
+  Cursor kcur(ks, b, h, e), vcur(vs, b, h, e);
+  const Span &ksp = kcur.cur, &vsp = vcur.cur;  // the (b, h) row, or the current block of a paged source
   for (int64_t t0 = a; t0 < e;) {
-    // A tile never crosses a key group, so the key scales are fixed within it.
-    const int64_t g = t0 / ks.group, n = std::min({kTile, (g + 1) * ks.group - t0, e - t0});
+    kcur.seek(t0);
+    vcur.seek(t0);
+    // A tile never crosses a key group nor a block, so the key scales are fixed within it and its
+    // rows are consecutive.
+    const int64_t g = t0 / ks.group;
+    const int64_t n = std::min({kTile, (g + 1) * ks.group - t0, e - t0, ksp.end - t0, vsp.end - t0});
     if (t0 == a || t0 % ks.group == 0) {
-      const int64_t off = (b * ks.scale.sb + h * ks.scale.sh + g * ks.scale.st) * kes;
+      const int64_t row = ks.scale_row(ksp, t0);
+      const char* sp = ksp.scale + row * ks.scale.row_bytes();
+      const char* zp = ks.has_zero ? ksp.zero + row * ks.zero.row_bytes() : nullptr;
       for (int64_t r = 0; r < nr; ++r) {
         const float* q = st.q.data() + r * D;
         float* qs = st.qs.data() + r * D;
         float qo = 0.f;
         for (int c = 0; c < D; ++c) {
-          const float s = load_float(ks.scale.ptr + off, ks.scale.dtype, c);
-          const float o = ks.has_zero ? load_float(ks.zero.ptr + off, ks.scale.dtype, c) : -float(ks.mid) * s;
+          const float s = load_float(sp, ks.scale.dtype, c);
+          const float o = zp ? load_float(zp, ks.scale.dtype, c) : -float(ks.mid) * s;
           qs[c] = q[c] * s, qo += q[c] * o;
         }
         st.qo[r] = qo;
       }
     }
+    kcur.prefetch(t0, n);
+    vcur.prefetch(t0, n);
+    const uint8_t* k0 = reinterpret_cast<const uint8_t*>(ksp.data) + (t0 - ksp.first) * ks.data.st;
+    const uint8_t* v0 = reinterpret_cast<const uint8_t*>(vsp.data) + (t0 - vsp.first) * vs.data.st;
     for (int64_t r = 0; r < nr; r += kRowsPerPass) {
-      const uint8_t* k0 = kc + t0 * ks.data.st;
       switch (std::min<int64_t>(kRowsPerPass, nr - r)) {
         case 1: score_keys<D, KB, 1>(k0, ks.data.st, n, r, st); break;
         case 2: score_keys<D, KB, 2>(k0, ks.data.st, n, r, st); break;
@@ -110,12 +157,14 @@ void attend_packed(const Problem& p, const Mask& mask, int64_t b, int64_t h, int
     }
     softmax_tile(p, mask, b, h, r0, nr, seg0 + t0, n, groups, st);
     // Token scales and offsets, (groups, kTile); then weights premultiplied by them.
+    const char* vsr = vsp.scale + (t0 - vsp.first) * vsst;
+    const char* vzr = vs.has_zero ? vsp.zero + (t0 - vsp.first) * vzst : nullptr;
     for (int64_t t = 0; t < kTile; ++t) {
-      const int64_t off = (b * vs.scale.sb + h * vs.scale.sh + (t0 + std::min(t, n - 1)) * vs.scale.st) * ves;
+      const int64_t i = std::min(t, n - 1);
       for (int64_t k = 0; k < groups; ++k) {
-        const float s = load_float(vs.scale.ptr + off, vs.scale.dtype, k);
+        const float s = load_float(vsr + i * vsst, vs.scale.dtype, k);
         vscale[k * kTile + t] = s;
-        voffset[k * kTile + t] = vs.has_zero ? load_float(vs.zero.ptr + off, vs.scale.dtype, k) : -float(vs.mid) * s;
+        voffset[k * kTile + t] = vzr ? load_float(vzr + i * vzst, vs.scale.dtype, k) : -float(vs.mid) * s;
       }
     }
     for (int64_t r = 0; r < nr; ++r) {
@@ -131,7 +180,6 @@ void attend_packed(const Problem& p, const Mask& mask, int64_t b, int64_t h, int
       }
     }
     for (int64_t r = 0; r < nr; r += kRowsPerPass) {
-      const uint8_t* v0 = vc + t0 * vs.data.st;
       switch (std::min<int64_t>(kRowsPerPass, nr - r)) {
         case 1: accumulate_values<D, VB, 1>(v0, vs.data.st, n, r, chunks_per_group, wp, st); break;
         case 2: accumulate_values<D, VB, 2>(v0, vs.data.st, n, r, chunks_per_group, wp, st); break;
