@@ -52,6 +52,16 @@ def test_report_says_which_tokens_are_exact_and_why() -> None:
     assert report.describe() == "4 sinks + 40 in the residual window exact (float16), 256 packed"
     short = held(tiny(), "k4v4", 60).memory_report()
     assert "none packed yet" in short.describe()
+    exact = held(tiny(), "none", 300).memory_report()  # nothing is quantized: not called "packed"
+    assert exact.describe() == "all exact (float32): 0 sinks, 256 in blocks, 44 in the window"
+    policy = held(tiny(), "knorm-50", 300).memory_report()  # token policies list their classes
+    t = policy.tokens
+    assert (
+        t["sinks"] + t["window"] + t["exact"] + t["high"] + t["low"] + t["evicted"] == 300
+        and t["evicted"] > 0
+    )
+    assert policy.describe().startswith(f"4 sinks + {t['window']} in the residual window exact (float16)")
+    assert f"{t['evicted']} evicted" in policy.describe()
 
 
 def test_none_keeps_the_model_dtype_and_reproduces_dynamic_cache() -> None:
@@ -117,3 +127,13 @@ def test_exact_pages_widen_with_their_tokens_never_narrow(first: torch.dtype) ->
     store.append(torch.ones(1, 1, 16, 4, dtype=first))  # a narrower token does not narrow the blocks
     assert all(s.values.dtype == torch.float32 for s in store.pool.slabs)
     assert store.block_nbytes == 48 * 4 * 4
+
+
+def test_transform_constants_are_counted_once() -> None:
+    """Rotation matrices and RoPE frequencies (best-*: rotated values, pre-RoPE keys) are held by the
+    cache: counted once in nbytes (the walk in `held` checks it) and reported as their own part."""
+    cache = held(tiny(), "best-3bit", 300)
+    report = cache.memory_report()
+    assert report.parts["transform_constants"] == cache.constants_nbytes() == 64 * 64 * 4 + 32 * 4
+    assert report.total_bytes == cache.nbytes()
+    assert "transform_constants" not in held(tiny(), "k4v4", 300).memory_report().parts

@@ -214,18 +214,7 @@ def snapshot(
     """The parts for attention over ``store`` plus the new ``key``, ``value`` (batch, kv_heads, n,
     head_dim), with the verification reads ``drafts`` of `LayerStore.draft_reads`. Must be called
     before ``store.append`` of the same tokens."""
-    segments: list[Segment] = []
-    if store.sink_k.num_tokens:
-        segments.append(_exact(store.sink_k.view(), store.sink_v.view()))
-    packed_k, packed_v = store.packed_k.part(), store.packed_v.part()
-    if packed_k is not None:
-        segments.append(Segment(packed_k, packed_v, packed_k.num_tokens))
-    window_k, window_v = store.window_k.view(), store.window_v.view()
-    if window_k is not None:
-        plan = store.policy.plan(store.sink_k.num_tokens, store.window_k.num_tokens, key.shape[-2])
-        if plan.to_quantize:  # the append rewrites the window buffer in place
-            window_k, window_v = window_k.clone(), window_v.clone()
-        segments.append(_exact(window_k, window_v))
+    segments = [Segment(k, v, n) for k, v, n in store.segments(key, value)]
     segments.append(_exact(key, value))
     return AttentionParts(
         tuple(segments), workspace, row_sinks=store.row_sinks.view(store.num_tokens), drafts=drafts

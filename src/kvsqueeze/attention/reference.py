@@ -42,17 +42,14 @@ def materialize(
         return key, value
     total = store.num_tokens + key.shape[-2]
     out_k, out_v = workspace.get(key, total)
-    for out, sinks, packed, window, new in (
-        (out_k, store.sink_k, store.packed_k, store.window_k, key),
-        (out_v, store.sink_v, store.packed_v, store.window_v, value),
-    ):
-        pos = _put(out, 0, sinks.view())
-        first = pos
-        for page in packed.filled():  # natively when the CPU kernels are built (same bits)
-            dequantize_into(page, out[:, :, pos : pos + page.num_tokens])
-            pos += page.num_tokens
-        packed.restore_(out[:, :, first:pos], 0)  # pre-RoPE / rotation undone (no-op without)
-        _put(out, _put(out, pos, window.view()), new)
+    segments = store.segments(key, value)
+    for index, (out, new) in enumerate(((out_k, key), (out_v, value))):
+        pos = 0
+        for seg in segments:  # natively when the CPU kernels are built (same bits)
+            rows = out[:, :, pos : pos + seg[2]]
+            store.restore_(seg[index], index, dequantize_into(seg[index], rows))  # transform undone
+            pos += seg[2]
+        _put(out, pos, new)
     row_sinks = store.row_sinks.view(store.num_tokens)
     if row_sinks is not None:  # left-padded rows: their first real tokens, exact
         row_sinks.overlay(out_k, 0)

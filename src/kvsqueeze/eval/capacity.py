@@ -31,6 +31,7 @@ import torch
 from ..config import PRESETS, CacheConfig, exact_storage_dtype
 from ..policies.window import SinkWindowPolicy
 from ..storage.block_table import table_capacity
+from ..storage.transform import constants_nbytes
 from .memory import cache_nbytes
 from .methods import Method
 
@@ -102,7 +103,8 @@ def squeezed_bytes(
     packed = round(plan.to_quantize * batch_size * per_token)
     blocks = plan.to_quantize // config.block_size  # block tables: int32 per row, keys and values
     tables = 2 * shape.num_layers * batch_size * table_capacity(blocks) * 4 if blocks else 0
-    return exact_bytes(shape, exact_tokens, batch_size, exact_size) + packed + tables
+    constants = constants_nbytes(config._layers(shape.num_layers), shape.head_dim)
+    return exact_bytes(shape, exact_tokens, batch_size, exact_size) + packed + tables + constants
 
 
 def predictor(

@@ -567,8 +567,19 @@ class SqueezedCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (codes, scales, zero points, sinks, residual,
-        exact sliding-window layers). The reference path's scratch is reported apart."""
-        return sum(layer_nbytes(layer) for layer in self.layers)
+        block tables, exact sliding-window layers, and once each the constants of its transforms:
+        rotation matrices, RoPE frequencies). The reference path's scratch is reported apart."""
+        return sum(layer_nbytes(layer) for layer in self.layers) + self.constants_nbytes()
+
+    def constants_nbytes(self) -> int:
+        """Bytes of the distinct transform constants the layers hold (0 without transforms)."""
+        seen: dict[int, int] = {}
+        for layer in self.layers:
+            store = getattr(layer, "store", None)
+            for packed in (getattr(store, "packed_k", None), getattr(store, "packed_v", None)):
+                for t in packed.constants() if packed is not None else ():
+                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(seen.values())
 
     def memory_report(self) -> MemoryReport:
         """Bytes by part, tokens held, bytes per token and the ratio to an fp16 cache."""

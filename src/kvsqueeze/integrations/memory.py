@@ -32,12 +32,20 @@ class MemoryReport:
 
     def describe(self) -> str:
         """Which tokens are exact and why, e.g. "4 sinks + 124 in the residual window exact (float16),
-        1920 packed" (empty for caches without a quantizing layer)."""
-        if not self.tokens:
+        1920 packed"; token policies list their classes ("..., 300 in the exact class, 900 low,
+        1200 evicted"); empty for caches without a squeezed layer."""
+        t = self.tokens
+        if not t:
             return ""
-        exact = f"{self.tokens['sinks']} sinks + {self.tokens['window']} in the residual window exact"
+        exact = f"{t['sinks']} sinks + {t['window']} in the residual window exact"
         dtype = f" ({self.exact_dtype})" if self.exact_dtype else ""
-        packed = self.tokens["packed"]
+        if "exact blocks" in t:  # preset none: nothing is quantized
+            return f"all exact{dtype}: {t['sinks']} sinks, {t['exact blocks']} in blocks, {t['window']} in the window"
+        if "low" in t:  # a token policy: its classes
+            classes = [f"{t['exact']} in the exact class"] if t["exact"] else []
+            classes += [f"{t[c]} {c}" for c in ("high", "low", "evicted") if t[c]]
+            return exact + dtype + (", " + ", ".join(classes) if classes else ", none placed yet")
+        packed = t["packed"]
         tail = (
             f", {packed} packed"
             if packed
@@ -79,6 +87,9 @@ class MemoryReport:
             for name, n in layer_parts.items():
                 parts[name] = parts.get(name, 0) + n
             batch = max(batch, layer_batch)
+        constants = getattr(cache, "constants_nbytes", lambda: 0)()
+        if constants:
+            parts["transform_constants"] = constants
         fp16 = (
             2 * 2 * len(cache.layers) * cache.num_kv_heads * cache.head_dim * cache.get_seq_length() * batch
         )

@@ -59,13 +59,16 @@ class PagedPart:
 
     def _blocks_of_slabs(self) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(slab, rows, cols, local ids): the table cells [rows, cols] whose block lives in that slab,
-        at those indices, for every slab the first ``num_blocks`` columns use."""
+        at those indices, for every slab the first ``num_blocks`` columns use; on the slabs' device
+        (the table may live on the CPU)."""
         ids = self.table[:, : self.num_blocks].long()
         slab_of = ids // self.per_slab
+        device = self.slabs[0].tensors()[0].device
         out = []
         for s in slab_of.unique().tolist():
             rows, cols = (slab_of == s).nonzero(as_tuple=True)
-            out.append((s, rows, cols, ids[rows, cols] - s * self.per_slab))
+            local = ids[rows, cols] - s * self.per_slab
+            out.append((s, rows.to(device), cols.to(device), local.to(device)))
         return out
 
     def gather(self) -> Slab:

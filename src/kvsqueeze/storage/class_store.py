@@ -18,10 +18,7 @@ import torch
 from ..quant.exact import ExactTensor
 from ..quant.spec import QuantSpec
 from .exact_buffer import ExactBuffer, ExactChunks
-from .pages import Page, PagedStore
-
-SegmentTuple = tuple[Page, Page, int]
-"""(keys, values, num_tokens): keys and values (batch, kv_heads, >= num_tokens, head_dim)."""
+from .pages import PagedStore, SegmentTuple
 
 
 class ClassStore:

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CacheConfig
-from ..policies.window import SinkWindowPolicy
+from ..policies.window import SinkWindowPolicy, TokenPlan
+from ..quant.exact import ExactTensor
+from ..quant.paged import PagedPart
 from .block_pool import BlockPool
 from .exact_buffer import ExactBuffer
-from .pages import PagedStore
+from .pages import Page, PagedStore, SegmentTuple
 from .row_sinks import RowSinks
 from .transform import PageTransform
 
@@ -80,6 +82,7 @@ class LayerStore:
         self.name = name
         self.exact_dtype: torch.dtype | None = None  # None: the dtype of the incoming tokens
         self.row_sinks = RowSinks(config.sink_tokens)  # each row's first real tokens, if padded
+        self._planned: tuple[tuple[int, int, int], TokenPlan] | None = None  # `_plan`'s memo
 
     @property
     def num_tokens(self) -> int:
@@ -168,6 +171,41 @@ class LayerStore:
             torch.tensor(counts, dtype=torch.int64, device=key.device),
         )
 
+    def segments(self, key: torch.Tensor, value: torch.Tensor) -> list[SegmentTuple]:
+        """The held tokens for a read over the new ``key``, ``value`` (batch, kv_heads, n, head_dim),
+        in sequence order ``[sinks | packed history | residual window]`` as (keys, values,
+        num_tokens), read in place: sinks and blocks are only ever written past what is returned, and
+        the window is cloned (at most ``residual_window`` tokens) when appending these tokens rewrites
+        it. Call after `settle`, before `append` of the same tokens (which reuses this plan)."""
+        out: list[SegmentTuple] = []
+        if self.sink_k.num_tokens:
+            out.append(
+                (ExactTensor(self.sink_k.view()), ExactTensor(self.sink_v.view()), self.sink_k.num_tokens)
+            )
+        packed_k = self.packed_k.part()
+        if packed_k is not None:
+            out.append((packed_k, self.packed_v.part(), packed_k.num_tokens))
+        window_k, window_v = self.window_k.view(), self.window_v.view()
+        if window_k is not None:
+            if self._plan(key.shape[-2]).to_quantize:  # the append rewrites the window buffer in place
+                window_k, window_v = window_k.clone(), window_v.clone()
+            out.append((ExactTensor(window_k), ExactTensor(window_v), window_k.shape[-2]))
+        return out
+
+    def restore_(self, part: Page, index: int, out: torch.Tensor) -> torch.Tensor:
+        """In place: undo the page transform (pre-RoPE, rotation) of the keys (``index`` 0) or values (1)
+        on ``out``, ``part`` of `segments` dequantized; only the packed history is transformed."""
+        if isinstance(part, PagedPart):
+            (self.packed_k, self.packed_v)[index].restore_(out, 0)
+        return out
+
+    def _plan(self, n: int) -> TokenPlan:
+        """The policy's plan for appending ``n`` tokens to the held ones (computed once per step)."""
+        args = (self.sink_k.num_tokens, self.window_k.num_tokens, n)
+        if self._planned is None or self._planned[0] != args:
+            self._planned = (args, self.policy.plan(*args))
+        return self._planned[1]
+
     def packed_tokens_for(self, num_tokens: int) -> int:
         """Tokens the packed history holds after ``num_tokens`` tokens were appended, in any chunks."""
         plan = self.policy.plan(0, 0, num_tokens)
@@ -208,7 +246,7 @@ class LayerStore:
         self.settle()
 
     def _place(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        plan = self.policy.plan(self.sink_k.num_tokens, self.window_k.num_tokens, key.shape[-2])
+        plan = self._plan(key.shape[-2])
         s = plan.to_sinks
         if s:
             self.sink_k.append(key[:, :, :s])
@@ -227,10 +265,12 @@ class LayerStore:
             window.assign(pending[:, :, plan.to_quantize :])
 
     def token_counts(self) -> dict[str, int]:
-        """Tokens held, by part: ``sinks``, ``packed``, ``window`` (pending tokens included)."""
+        """Tokens held, by part: ``sinks``, ``window`` (pending tokens included), and ``packed``, or
+        ``exact blocks`` when the blocks hold exact values (preset ``none``)."""
+        exact = self.packed_k.spec is None and self.packed_v.spec is None
         return {
             "sinks": self.sink_k.num_tokens,
-            "packed": self.packed_k.num_tokens,
+            "exact blocks" if exact else "packed": self.packed_k.num_tokens,
             "window": self.window_k.num_tokens + self.pending_k.num_tokens,
         }
 

@@ -218,6 +218,16 @@ class MixedLayerStore:
             )
             store.append(key.gather(2, idx), value.gather(2, idx))
 
+    def token_counts(self) -> dict[str, int]:
+        """Tokens held, by part: ``sinks``, ``window`` (pending tokens included), one entry per
+        precision class (``exact``, ``high``, ``low``) and ``evicted`` (seen, no longer held)."""
+        pending = 0 if self.pending is None else self.pending[0].shape[-2]
+        out = {"sinks": self.sink_k.num_tokens, "window": self.window_k.num_tokens + pending}
+        for cls, store in self.classes.items():
+            out[cls.name.lower()] = store.num_tokens
+        out["evicted"] = self.num_seen - self.num_tokens
+        return out
+
     def parts(self) -> dict[str, int]:
         """Bytes held, by part."""
         out = {"sinks": self.sink_k.nbytes + self.sink_v.nbytes}

@@ -27,6 +27,8 @@ from .block_table import BlockTables
 from .transform import PageTransform
 
 Page = PackedTensor | ExactTensor | PagedPart
+SegmentTuple = tuple[Page, Page, int]
+"""(keys, values, num_tokens): keys and values (batch, kv_heads, >= num_tokens, head_dim)."""
 
 
 class PagedStore:
@@ -124,9 +126,14 @@ class PagedStore:
         return self.block_nbytes + self.tables.nbytes
 
     def tensors(self) -> list[torch.Tensor]:
-        """The storage held (own pool's slabs and the tables), for walks independent of `nbytes`."""
+        """The storage held (own pool's slabs, the tables and the transform's constants, which a
+        cache counts once: `constants`), for walks independent of `nbytes`."""
         own = self.pool.tensors() if self.owns_pool else []
-        return own + self.tables.tensors()
+        return own + self.tables.tensors() + self.constants()
+
+    def constants(self) -> list[torch.Tensor]:
+        """Tensors the transform holds (rotation, RoPE frequencies), possibly shared with other stores."""
+        return [] if self.transform is None else self.transform.tensors()
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch-dimension operation (select, reorder, repeat) to the block tables."""

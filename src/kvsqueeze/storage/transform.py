@@ -38,6 +38,13 @@ class PageTransform:
     def is_identity(self) -> bool:
         return self.rotation is None and self.rope is None
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The constants this transform holds (rotation matrix, RoPE frequencies); shared by the
+        layers of a cache (and by caches of one head_dim and seed), so counted once per cache."""
+        return [
+            t for t in (self.rotation, None if self.rope is None else self.rope.inv_freq) if t is not None
+        ]
+
     def encode(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """``x`` (batch, kv_heads, n, head_dim), packed tokens ``start .. start + n - 1``, transformed."""
         if self.rope is not None:
@@ -53,6 +60,16 @@ class PageTransform:
         if self.rope is not None:
             x.copy_(self.rope.apply(x, self.position_offset + start))
         return x
+
+
+def constants_nbytes(layer_configs: list[CacheConfig], head_dim: int) -> int:
+    """Bytes of the transform constants a cache of these layer configs holds (what
+    `SqueezedCache.constants_nbytes` walks): one float32 (head_dim, head_dim) rotation per distinct
+    seed of a rotating layer, and one (head_dim / 2,) float32 RoPE frequency vector when some layer
+    keeps pre-RoPE keys (assuming the model has standard RoPE)."""
+    seeds = {c.rotation_seed for c in layer_configs if c.rotate_keys or c.rotate_values}
+    rope = any(c.pre_rope_keys for c in layer_configs)
+    return len(seeds) * head_dim * head_dim * 4 + (head_dim // 2 * 4 if rope else 0)
 
 
 def layer_transforms(
