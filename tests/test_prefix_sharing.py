@@ -3,6 +3,10 @@ counts back to their start, refusals."""
 
 from __future__ import annotations
 
+import copy
+import gc
+import warnings
+
 import pytest
 import torch
 from tiny import prompt_ids, tiny_llama
@@ -91,6 +95,7 @@ def test_generate_uses_the_hit_and_matches_a_fresh_cache() -> None:
             prompt, cache=SqueezedCache.from_model(model, CONFIG), max_new_tokens=8, do_sample=False
         )
     assert out.shape == ref.shape == (1, 188)
+    assert torch.equal(out, ref)  # greedy tokens equal those of a cache of its own
     assert taker.get_seq_length() == 187
 
 
@@ -120,8 +125,10 @@ def test_refusals() -> None:
         SqueezedCache.from_model(model, CONFIG, pool={})
     pool = KVPool()
     cache = SqueezedCache.from_model(model, CONFIG, pool=pool)
-    with pytest.raises(ValueError, match=r"allowed: \(1, tokens\)"):
+    with pytest.raises(ValueError, match=r"allowed: \(1, tokens\) integer token ids"):
         cache.match_prefix(prompt_ids(40).repeat(2, 1))
+    with pytest.raises(ValueError, match=r"float32; allowed: \(1, tokens\) integer token ids"):
+        cache.match_prefix(prompt_ids(40).float())
     _prefill(model, cache, prompt_ids(40))
     with pytest.raises(ValueError, match="already holds 40 tokens"):
         cache.match_prefix(prompt_ids(40))
@@ -137,3 +144,71 @@ def test_batches_and_token_policies_never_publish() -> None:
     _prefill(model, policy, prompt_ids(200))
     assert len(pool.prefix) == 0
     assert SqueezedCache.from_model(model, "knorm-50", pool=pool).match_prefix(prompt_ids(200)) == 0
+
+
+def test_a_dropped_cache_gives_its_blocks_back() -> None:
+    model = tiny_llama()
+    pool = KVPool()
+    for seed in range(3):
+        cache = SqueezedCache.from_model(model, CONFIG, pool=pool)
+        _prefill(model, cache, _ids(120, tail_seed=seed))
+        assert pool.num_used == 2 * 2 * 6  # 116 tokens after the sinks: 6 blocks + a window of 20
+        del cache  # no reset(): the finalizer releases the blocks
+        gc.collect()
+        assert pool.num_used == 0
+
+
+def test_a_root_outlives_the_first_sequence_that_published_it() -> None:
+    """Two prompts with the same sink tokens but different blocks: the first one's blocks are reused,
+    the second one's chain still hits (its first block keeps the root alive)."""
+    model = tiny_llama()
+    pool = KVPool()
+    a, b = (
+        SqueezedCache.from_model(model, CONFIG, pool=pool),
+        SqueezedCache.from_model(model, CONFIG, pool=pool),
+    )
+    ids_a, ids_b = _ids(200, tail_seed=7, shared=4), _ids(200, tail_seed=8, shared=4)
+    _prefill(model, a, ids_a)
+    _prefill(model, b, ids_b)
+    a.reset()
+    filler = SqueezedCache.from_model(model, CONFIG, pool=pool)
+    _prefill(model, filler, _ids(200, tail_seed=9))  # reuses a's freed blocks: a's entries go
+    assert SqueezedCache.from_model(model, CONFIG, pool=pool).match_prefix(ids_a) == 0
+    assert SqueezedCache.from_model(model, CONFIG, pool=pool).match_prefix(ids_b) == 4 + 11 * 16
+
+
+def test_one_model_per_pool() -> None:
+    pool = KVPool()
+    SqueezedCache.from_model(tiny_llama(), CONFIG, pool=pool)
+    with pytest.raises(
+        ValueError, match="pool: this KVPool serves a model with head_dim 64, this one has 32"
+    ):
+        SqueezedCache.from_model(tiny_llama(head_dim=32), CONFIG.replace(key=None, value=None), pool=pool)
+    with pytest.raises(ValueError, match="dtype float32, this one has bfloat16"):
+        SqueezedCache.from_model(tiny_llama(dtype=torch.bfloat16), CONFIG, pool=pool)
+    # same config, other weights: the digest differs, so no block is taken
+    other = tiny_llama(seed=1)
+    _prefill(tiny_llama(), SqueezedCache.from_model(tiny_llama(), CONFIG, pool=pool), _ids(120, tail_seed=1))
+    assert SqueezedCache.from_model(other, CONFIG, pool=pool).match_prefix(_ids(120, tail_seed=1)) == 0
+
+
+def test_a_hit_keeps_exact_values_beyond_float16() -> None:
+    """The donor's exact parts widened to float32 (keys beyond float16's range): the taker keeps
+    them in float32 too instead of rounding them to inf."""
+    model = copy.deepcopy(tiny_llama())
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight.mul_(1e6)
+    pool = KVPool()
+    ids = _ids(200, tail_seed=10, shared=150)
+    with pytest.warns(RuntimeWarning, match="exceed torch.float16"):
+        _prefill(model, SqueezedCache.from_model(model, CONFIG, pool=pool), ids)
+    taker = SqueezedCache.from_model(model, CONFIG, pool=pool)
+    assert taker.match_prefix(ids) > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        logits = _prefill(model, taker, ids)
+        expected = _prefill(model, SqueezedCache.from_model(model, CONFIG), ids)
+    assert torch.isfinite(logits).all()  # rounded to float16, the sinks were inf and the logits NaN
+    # the taker reads the prefix from quantized blocks, the fresh cache exact within one forward:
+    # with keys ~1e6 the quantization error shows more than on the other tests
+    assert torch.allclose(logits, expected, atol=0.2), (logits - expected).abs().max()

@@ -8,6 +8,7 @@ window of tokens, so quantizing them saves little; `memory_report` lists their b
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ from ..storage.row_sinks import first_real_columns
 from ..storage.transform import PageTransform, layer_transforms
 from .context import ContextLimit, context_limit
 from .memory import MemoryReport, layer_nbytes
-from .prefix import match_prefix, note_tokens, prefix_digest, publish
+from .prefix import match_prefix, note_tokens, prefix_digest, publish, release_blocks
 from .rope import rope_for
 
 FULL_ATTENTION = "full_attention"
@@ -339,6 +340,10 @@ class SqueezedCache(Cache):
         self.workspace = Workspace()
         self.forward_shape = ForwardShape()
         self.context = context_limit(text_config)
+        if pool is not None:
+            pool.bind(
+                num_hidden_layers=text_config.num_hidden_layers, num_kv_heads=num_kv_heads, head_dim=head_dim
+            )
         self.kv_pool = pool
         self.prefix_digest = prefix_digest(self.cache_config, model_config)
         self.token_ids: list[int] | None = [] if pool is not None else None  # followed for prefix sharing
@@ -376,6 +381,11 @@ class SqueezedCache(Cache):
                     f"allowed: {[FULL_ATTENTION, *EXACT_LAYER_TYPES]}"
                 )
         super().__init__(layers=layers)
+        if pool is not None:  # a cache dropped without reset() gives its blocks back
+            stores = [
+                x.store for x in layers if isinstance(x, SqueezedLayer) and isinstance(x.store, LayerStore)
+            ]
+            weakref.finalize(self, release_blocks, stores)
         self._first_squeezed = next((i for i, x in enumerate(layers) if isinstance(x, SqueezedLayer)), -1)
 
     def update(
@@ -499,7 +509,12 @@ class SqueezedCache(Cache):
                 f"model: {type(model).__name__} is not a transformers model (no .config); allowed: a "
                 "PreTrainedModel, e.g. from kvsqueeze.load_model or AutoModelForCausalLM.from_pretrained"
             )
+        if isinstance(pool, KVPool) and isinstance(model, torch.nn.Module):
+            dtype = next(model.parameters()).dtype
+            pool.bind(dtype=str(dtype).removeprefix("torch."))
         cache = cls(config, model.config, fused, pool)
+        if pool is not None:
+            cache.prefix_digest = prefix_digest(cache.cache_config, model.config, model)
         cache.warn_if_unsafe(model)
         if isinstance(model, torch.nn.Module) and getattr(model, "_kvsqueeze_forward_hook", None) is None:
             # assisted decoding: which new tokens of a forward are drafts (`ForwardShape`); prefix

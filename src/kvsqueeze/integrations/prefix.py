@@ -28,16 +28,31 @@ if TYPE_CHECKING:
     from .cache import SqueezedCache
 
 
-def prefix_digest(cache_config: Any, model_config: Any) -> bytes:
+def prefix_digest(cache_config: Any, model_config: Any, model: Any = None) -> bytes:
     """What a block's content depends on besides its tokens: the cache config and the model (its
-    name or path, type, sizes and dtype)."""
+    name or path, type and sizes; with ``model``, also its parameters' dtype and a fingerprint of
+    its first and last weights, so two models of one config, or one model cast to another dtype,
+    never take each other's blocks)."""
     text = model_config.get_text_config(decoder=True)
-    model = {
+    described = {
         k: str(getattr(text, k, None) or getattr(model_config, k, None))
         for k in ("_name_or_path", "model_type", "num_hidden_layers", "hidden_size", "vocab_size", "dtype")
     }
-    blob = json.dumps({"cache": cache_config.to_dict(), "model": model}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).digest()
+    blob = json.dumps({"cache": cache_config.to_dict(), "model": described}, sort_keys=True, default=str)
+    h = hashlib.sha256(blob.encode())
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+    for p in params[:1] + params[-1:]:
+        h.update(f"{p.dtype} {tuple(p.shape)}".encode())
+        h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.digest()
+
+
+def release_blocks(stores: list[LayerStore]) -> None:
+    """Give the blocks of ``stores`` back to their (shared) pools: a cache on a `KVPool` that is
+    dropped without `reset` (its finalizer calls this)."""
+    for store in stores:
+        for packed in (store.packed_k, store.packed_v):
+            packed.tables.release(packed.pool)
 
 
 def _stores(cache: SqueezedCache) -> dict[int, LayerStore]:
@@ -52,7 +67,7 @@ def _stores(cache: SqueezedCache) -> dict[int, LayerStore]:
 
 def shareable(cache: SqueezedCache) -> bool:
     """Whether ``cache`` can publish and take blocks: a shared pool, and every full-attention layer a
-    plain store (no token policy) without rows of a padded batch or pending drafts."""
+    plain store (no token policy); `publish` also skips batches, padded rows and pending drafts."""
     stores = _stores(cache)
     return (
         cache.kv_pool is not None
@@ -98,15 +113,15 @@ def publish(cache: SqueezedCache) -> int:
         entry = {
             i: (int(s.packed_k.tables.ids[0, j]), int(s.packed_v.tables.ids[0, j])) for i, s in stores.items()
         }
-        if j == 0:  # the root: each layer's sink tokens, evicted with the first block
+        if j == 0:  # the root: each layer's sink tokens, kept while a cached first block chains from it
             root = chain_hash(None, ids[:sinks], cache.prefix_digest)
             copies = {
                 i: (s.sink_k.view().clone(), s.sink_v.view().clone()) for i, s in stores.items() if sinks
             }
-            prefix.put(root, PrefixEntry(entry, copies), pools)
+            prefix.put(root, PrefixEntry({}, copies), pools)
             cache.last_hash = root
             key = chain_hash(root, ids[sinks : sinks + bs], cache.prefix_digest)
-        prefix.put(key, PrefixEntry(entry), pools)
+        prefix.put(key, PrefixEntry(entry, parent=cache.last_hash), pools)
         cache.last_hash = key
         new += 1
     cache.published = blocks
@@ -126,9 +141,21 @@ def match_prefix(cache: SqueezedCache, input_ids: torch.Tensor) -> int:
         raise ValueError(
             "match_prefix: this cache has no shared pool; build it with from_model(..., pool=KVPool())"
         )
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"match_prefix: input_ids {shape}; allowed: (1, tokens), one sequence")
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.shape[0] != 1
+        or input_ids.is_floating_point()
+        or input_ids.is_complex()
+    ):
+        what = (
+            f"{tuple(input_ids.shape)} {input_ids.dtype}"
+            if isinstance(input_ids, torch.Tensor)
+            else type(input_ids).__name__
+        )
+        raise ValueError(
+            f"match_prefix: input_ids {what}; allowed: (1, tokens) integer token ids, one sequence"
+        )
     if cache.get_seq_length():
         raise ValueError(
             f"match_prefix: the cache already holds {cache.get_seq_length()} tokens; allowed: an empty cache "

@@ -44,10 +44,13 @@ class ExactBuffer:
         self.num_tokens = 0
 
     def set_dtype(self, dtype: torch.dtype | None) -> None:
-        """Store tokens in ``dtype`` (e.g. float16 for a float32 model); held tokens are converted."""
+        """Store tokens in ``dtype`` (e.g. float16 for a float32 model); held tokens are converted,
+        unless some leave ``dtype``'s range: the buffer then keeps theirs (warned, as `append`)."""
         self.dtype = dtype
         if self.data is not None and dtype is not None and self.data.dtype != dtype:
-            self.data = self.data.to(dtype)
+            self._fit_dtype(self.data[:, :, : self.num_tokens])
+            if self.data.dtype != self.dtype:
+                self.data = self.data.to(self.dtype)
 
     def _fit_dtype(self, x: torch.Tensor) -> None:
         """Keep the input's dtype from now on when ``x`` leaves the storage dtype's finite range

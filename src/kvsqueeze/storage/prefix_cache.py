@@ -46,6 +46,7 @@ class PrefixEntry:
 
     blocks: dict[int, tuple[int, int]]
     sinks: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    parent: bytes | None = None  # the hash this block's hash chains from (a root for block 0)
 
     @property
     def nbytes(self) -> int:
@@ -60,6 +61,7 @@ class PrefixCache:
     def __init__(self) -> None:
         self.entries: dict[bytes, PrefixEntry] = {}
         self._by_block: dict[tuple[int, int], set[bytes]] = {}  # (id(pool), block) -> hashes
+        self._children: dict[bytes, int] = {}  # root hash -> cached first blocks chaining from it
         self.queries = 0
         self.hits = 0
 
@@ -70,10 +72,15 @@ class PrefixCache:
         return self.entries.get(key)
 
     def put(self, key: bytes, entry: PrefixEntry, pools: dict[int, tuple[BlockPool, BlockPool]]) -> None:
-        """Record ``entry`` under ``key`` (kept: an existing entry of the same key wins)."""
+        """Record ``entry`` under ``key`` (kept: an existing entry of the same key wins). A root
+        (``entry.sinks``, no blocks) lives as long as some cached first block chains from it."""
         if key in self.entries:
             return
         self.entries[key] = entry
+        if entry.parent in self._children:
+            self._children[entry.parent] += 1
+        if entry.sinks is not None:
+            self._children[key] = 0
         for layer, (k, v) in entry.blocks.items():
             kp, vp = pools[layer]
             self._by_block.setdefault((id(kp), k), set()).add(key)
@@ -82,7 +89,13 @@ class PrefixCache:
     def forget(self, pool: BlockPool, block: int) -> None:
         """``block`` of ``pool`` is handed out for other tokens: drop the entries that hold it."""
         for key in self._by_block.pop((id(pool), block), ()):
-            self.entries.pop(key, None)
+            entry = self.entries.pop(key, None)
+            root = None if entry is None else entry.parent
+            if root in self._children:
+                self._children[root] -= 1
+                if self._children[root] == 0:  # no cached first block chains from it any more
+                    del self._children[root]
+                    self.entries.pop(root, None)
 
     @property
     def nbytes(self) -> int:
@@ -97,6 +110,19 @@ class KVPool:
     def __init__(self) -> None:
         self.pools: dict[PoolKey, BlockPool] = {}
         self.prefix = PrefixCache()
+        self.model: dict[str, object] = {}  # what the caches on this pool must agree on (`bind`)
+
+    def bind(self, **fields: object) -> None:
+        """Tie the pool to one model: the first cache fixes ``fields`` (layers, KV heads, head_dim,
+        dtype); a cache of another model raises ValueError naming the field (its blocks would not
+        fit, or would mix dtypes)."""
+        for name, value in fields.items():
+            held = self.model.setdefault(name, value)
+            if held != value:
+                raise ValueError(
+                    f"pool: this KVPool serves a model with {name} {held}, this one has {value}; allowed: "
+                    "one model (and dtype) per KVPool — build another KVPool for this model"
+                )
 
     def pool(self, key: PoolKey, per_slab: int, name: str) -> BlockPool:
         """The pool of ``key`` = (layer, kind, spec, block_size), created on first use."""
