@@ -43,3 +43,18 @@ def prompt_ids(n: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
     base = torch.randint(1, 128, (1, 24), generator=g)
     return base.repeat(1, -(-n // 24))[:, :n]
+
+
+@functools.cache
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny models' 128 ids: token i is the word ``w{i}``, id 0 is
+    the pad token, id 1 ``</s>`` (an end-of-sequence token the tiny models never stop on unless a
+    test asks); text is words separated by spaces. Built in code (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, 128)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>")

@@ -324,7 +324,11 @@ class SqueezedCache(Cache):
         self.cache_config.check_model(
             num_kv_heads, head_dim, text_config.num_hidden_layers, model_config=model_config
         )
-        model_fused = getattr(text_config, "_attn_implementation", None) == FUSED_ATTENTION
+        # the engine's ragged attention ("kvsqueeze_ragged") reads through the kvsqueeze attention too
+        model_fused = getattr(text_config, "_attn_implementation", None) in (
+            FUSED_ATTENTION,
+            "kvsqueeze_ragged",
+        )
         if self.cache_config.needs_attention and not (fused and model_fused):
             raise ValueError(
                 "tokens.scorer: 'attention' needs the fused read path (the kvsqueeze attention sees the "
