@@ -5,6 +5,7 @@ kvsqueeze presets --json
 kvsqueeze demo
 kvsqueeze calibrate --model smollm2-135m --text-file wiki.txt --preset best-2bit
 kvsqueeze inspect --model smollm2-135m
+kvsqueeze serve --kv k4v4 --kv-budget 256MiB --port 8000
 
 Exit codes: 0 done, 2 a refused input (argparse errors and ValueError, whose message names the
 flag), 1 a run that could not finish (`commands.common.RunFailed`, or memory running out: its message
@@ -22,13 +23,13 @@ from collections.abc import Iterator
 
 from rich.markup import escape
 
-from .commands import bench, calibrate, demo, generate, presets
+from .commands import bench, calibrate, demo, generate, presets, serve
 from .commands import eval as eval_command
 from .commands import inspect as inspect_command
 from .commands.common import RunFailed, console
 from .commands.resources import is_out_of_memory
 
-SUBCOMMANDS = (generate, presets, demo, bench, eval_command, calibrate, inspect_command)
+SUBCOMMANDS = (generate, presets, demo, bench, eval_command, calibrate, inspect_command, serve)
 DEBUG_SWITCH = "KVSQUEEZE_DEBUG"
 
 

@@ -1,0 +1,182 @@
+"""`kvsqueeze serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the engine.
+
+kvsqueeze serve --model smollm2-135m --kv k4v4 --kv-budget 256MiB --port 8000
+kvsqueeze serve --kv best-3bit --api-key "$KEY" --max-waiting 32 --request-timeout 120
+
+Every flag is checked before the weights load (numbers and ranges, the KV flags of `kv_args` against
+the model's config, that HOST:PORT can be bound); each refusal names the flag, the value and what
+is allowed (exit code 2). Binds 127.0.0.1 unless ``--host`` says otherwise; a non-loopback host
+without ``--api-key`` is served with a warning. The key may come from ``KVSQUEEZE_API_KEY`` (so that
+it is not visible in the process list). Ctrl-C or SIGTERM stop taking connections, let running
+requests finish (up to ``--drain-timeout`` seconds) and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import math
+import os
+import socket
+
+from .common import RunFailed, console, load_model_config
+from .kv_args import KVChoice, add_kv_arguments
+
+DEFAULT_KV = "k4v4"
+DEFAULT_BUDGET = "256MiB"
+API_KEY_ENV = "KVSQUEEZE_API_KEY"
+SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..models import DEFAULT_MODEL
+
+    cmd = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API with a squeezed KV cache",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health, /metrics) with continuous batching over one pool of squeezed KV blocks.",
+    )
+    cmd.add_argument("--model", default=DEFAULT_MODEL, help="named model, local folder or hub id")
+    add_kv_arguments(cmd, kv_default=DEFAULT_KV)
+    cmd.add_argument(
+        "--kv-budget",
+        default=DEFAULT_BUDGET,
+        metavar="SIZE",
+        help="bytes all sequences' KV caches may hold together, e.g. 256MiB, 2GiB; 'none' for no limit",
+    )
+    cmd.add_argument("--max-num-seqs", type=int, default=256, help="sequences running at once, at most")
+    cmd.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    cmd.add_argument("--port", type=int, default=8000, help="TCP port, 1-65535")
+    cmd.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"require 'Authorization: Bearer KEY' on /v1/* (/health and /metrics stay open) "
+        f"(default: ${API_KEY_ENV}, else no key)",
+    )
+    cmd.add_argument(
+        "--served-model-name", metavar="NAME", help="the model name clients send (default: the --model value)"
+    )
+    cmd.add_argument(
+        "--max-waiting", type=int, default=64, help="requests that may wait for a slot; more are answered 429"
+    )
+    cmd.add_argument(
+        "--request-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="abort a request after this long (default: none)",
+    )
+    cmd.add_argument(
+        "--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+        help="on shutdown, wait this long for running requests to finish",
+    )  # fmt: skip
+    cmd.add_argument(
+        "--log-prompts",
+        action="store_true",
+        help="log prompts and outputs (default: only their token counts)",
+    )
+    cmd.set_defaults(func=run)
+
+
+def check_flags(args: argparse.Namespace) -> int | None:
+    """The checks that need no model; returns the KV budget in bytes (None: no limit)."""
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port: {args.port} is not allowed; allowed: an integer from 1 to 65535")
+    if not args.host or not args.host.strip():
+        raise ValueError(f"--host: {args.host!r} is empty; allowed: an address such as 127.0.0.1 or 0.0.0.0")
+    for flag, value in (("--max-waiting", args.max_waiting), ("--max-num-seqs", args.max_num_seqs)):
+        if value < 1:
+            raise ValueError(f"{flag}: {value} is not allowed; allowed: an integer >= 1")
+    for flag, value in (("--request-timeout", args.request_timeout), ("--drain-timeout", args.drain_timeout)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag}: {value} is not allowed; allowed: seconds > 0, e.g. 60")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key: it is empty; allowed: a non-empty key (or omit it for no key)")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ValueError("--served-model-name: it is empty; allowed: a name, e.g. my-model")
+    if str(args.kv_budget).strip().lower() == "none":
+        return None
+    from ..eval.capacity import parse_size
+
+    return parse_size(args.kv_budget, "--kv-budget")
+
+
+def check_bindable(host: str, port: int) -> None:
+    """ValueError naming --host or --port when HOST:PORT cannot be bound now (before the weights load)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ValueError(
+            f"--host: {host!r} does not resolve ({err.strerror}); allowed: a local address"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            flag = "--port" if err.errno in (98, 48, 10048, 13) else "--host"  # in use / denied
+            raise ValueError(
+                f"{flag}: {host}:{port} cannot be bound ({err.strerror or err}); allowed: a free port of a local "
+                "address"
+            ) from None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run(args: argparse.Namespace) -> None:
+    budget = check_flags(args)
+    missing = [name for name in SERVE_PACKAGES if not _importable(name)]
+    if missing:
+        raise RunFailed(
+            f"serving needs {', '.join(missing)}; install them with: pip install 'kvsqueeze[serve]'"
+        )
+    choice = KVChoice.from_args(args, DEFAULT_KV)
+    choice.check()
+    model_config = load_model_config("--model", args.model)
+    kv = choice.resolve(model_config, args.model)
+    check_bindable(args.host, args.port)
+    if not _is_loopback(args.host) and args.api_key is None:
+        console.print(
+            f"[yellow]warning:[/yellow] serving on {args.host} without --api-key: anyone who can reach it may use it"
+        )
+
+    import uvicorn
+
+    from ..engine import LLMEngine
+    from ..serve import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = args.served_model_name or args.model
+    console.print(f"[dim]loading {args.model} with --kv {kv.label}, KV budget {args.kv_budget}...[/dim]")
+    engine = LLMEngine.from_pretrained(
+        args.model, kv=kv.source, kv_budget=budget, max_num_seqs=args.max_num_seqs, model_name=name
+    )
+    app = create_app(
+        engine,
+        model_names=[name],
+        api_key=args.api_key,
+        max_waiting=args.max_waiting,
+        request_timeout=args.request_timeout,
+        log_prompts=args.log_prompts,
+        drain_timeout=args.drain_timeout,
+    )
+    console.print(
+        f"[green]serving[/green] {name} on http://{args.host}:{args.port}/v1 "
+        f"({'API key required' if args.api_key else 'no API key'}; /health, /metrics)"
+    )
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.drain_timeout
+    )
+
+
+def _importable(module: str) -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(module) is not None
