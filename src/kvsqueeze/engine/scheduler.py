@@ -120,7 +120,7 @@ class Scheduler:
             newest = max(self.running, key=lambda s: s.arrival)
             self._preempt(newest)
             preempted.append(newest)
-        held = self.budget.used() + need
+        held = (self.budget.used() if limit is not None else 0) + need
         # the running sequences still need the rest of their prompts: keep room for it
         reserved = sum(
             self.budget.growth(s, s.num_uncomputed + 1) - self.budget.growth(s, n) for s, n in plan

@@ -171,7 +171,8 @@ def ragged_attention(
     batch, layer = key.batch, key.layer_idx
     outs = []
     for cache, a, b in zip(batch.caches, batch.starts, batch.starts[1:], strict=False):
-        k, v = cache.update(key.states[:, :, a:b], value.states[:, :, a:b], layer)
+        # the layer itself: the engine checked lengths and shapes when it admitted the request
+        k, v = cache.layers[layer].update(key.states[:, :, a:b], value.states[:, :, a:b])
         mask = _end_aligned_mask(b - a, k.shape[-2], query.device)
         out, _ = kvsqueeze_attention(
             module, query[:, :, a:b], k, v, mask, dropout=dropout, scaling=scaling, is_causal=True

@@ -44,9 +44,21 @@ def fp8_tables() -> torch.Tensor:
     return torch.stack([codes.view(FP8_DTYPES[f]).float() for f in LUT_ROWS])
 
 
-@functools.cache
+_FIELDS: dict[int, tuple[QuantSpec, tuple[int, int, int, int, int, int]]] = {}
+
+
 def _spec_fields(spec: QuantSpec) -> tuple[int, int, int, int, int, int]:
-    """(kind, bits, axis, group, mid, lut) of a spec."""
+    """(kind, bits, axis, group, mid, lut) of a spec (memo by identity: hashing the frozen dataclass
+    costs more than the rest of a decode step's metadata)."""
+    held = _FIELDS.get(id(spec))
+    if held is not None and held[0] is spec:
+        return held[1]
+    fields = _compute_fields(spec)
+    _FIELDS[id(spec)] = (spec, fields)
+    return fields
+
+
+def _compute_fields(spec: QuantSpec) -> tuple[int, int, int, int, int, int]:
     kind = LUT if spec.is_fp8 else INT
     mid = 2 ** (spec.bits - 1) if spec.symmetric and not spec.is_fp8 else 0
     axis = 1 if spec.axis is Axis.CHANNEL else 0
@@ -72,16 +84,18 @@ def source_meta(part: PackedTensor | ExactTensor | PagedPart, tensors: list[torc
 
 
 def _paged_meta(part: PagedPart, tensors: list[torch.Tensor]) -> list[int]:
-    """Every slab's tensors (same format, so the same row but for indices), then the table."""
+    """Every slab's tensors (same format, so the same row but for indices), then the table. The
+    slabs of a pool share one format (`readable` checks it; the kernels check every shape)."""
     if not part.slabs:
         raise ValueError("paged part: no slabs")
     first = len(tensors)
     row = source_meta(part.slabs[0], tensors)
     stride = len(tensors) - first
     for j, slab in enumerate(part.slabs[1:], 1):
-        shifted = [-1 if i < 0 else i + j * stride for i in row[5:8]]
-        if source_meta(slab, tensors) != [*row[:5], *shifted, *row[8:]]:
+        held = slab.tensors()  # source_meta's order: values, or codes, scale (, zero)
+        if len(held) != stride:
             raise ValueError(f"paged part: slab {j} has another format than slab 0; all slabs must share one")
+        tensors += held
     tensors.append(part.table)
     return [*row[:9], len(tensors) - 1, part.block_size, part.per_slab, len(part.slabs), stride]
 

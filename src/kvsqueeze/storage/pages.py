@@ -118,7 +118,12 @@ class PagedStore:
         if self.owns_pool:
             return self.pool.nbytes
         table = self.tables.view()
-        return (0 if table is None else int(table.unique().numel())) * self.pool.block_nbytes
+        if table is None:
+            return 0
+        distinct = (
+            table.numel() if table.shape[0] == 1 else int(table.unique().numel())
+        )  # one row: no repeats
+        return distinct * self.pool.block_nbytes
 
     @property
     def nbytes(self) -> int:
