@@ -328,3 +328,24 @@ def test_token_policy_and_best_presets_run_in_the_engine() -> None:
         for i, p in enumerate(prompts):
             assert out[str(i)] == _solo(preset, p, GREEDY.max_tokens), (preset, i)
         assert engine.kv_cache_bytes() == 0
+
+
+@pytest.mark.parametrize("kv", ["k4v4", "int8", "none", "exact16", "k2v2"])
+def test_budget_cost_equals_bytes_held(kv: str) -> None:
+    """The size formula the scheduler admits by equals what one sequence's cache holds, at every
+    length a prompt and its decoding pass through (exact16: preset none stored in 16 bits)."""
+    import dataclasses
+
+    from kvsqueeze import preset
+
+    config = dataclasses.replace(preset("none"), exact_dtype="float16") if kv == "exact16" else kv
+    engine = LLMEngine(_model(), tiny_tokenizer(), kv=config, max_num_batched_tokens=50)
+    engine.add_request("a", _prompts()[2], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    seen = set()
+    while engine.has_unfinished_requests():
+        engine.step()
+        seq = engine.sequences.get("a")
+        if seq is not None:
+            assert engine.kv_cache_bytes() == engine.cost(seq.num_computed), seq.num_computed
+            seen.add(seq.num_computed)
+    assert len(seen) > 30

@@ -99,7 +99,8 @@ def squeezed_bytes(
     exact_tokens = (config.sink_tokens if plan.to_sinks else 0) + in_window
     model_dtype = {4: torch.float32, 2: torch.float16}.get(dtype_bytes, torch.float32)
     exact_size = exact_storage_dtype(config.exact_dtype, model_dtype, not config.is_exact).itemsize
-    per_token = config.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, dtype_bytes)
+    # exact blocks (a None spec: preset "none") hold the exact parts' storage dtype too
+    per_token = config.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, exact_size)
     packed = round(plan.to_quantize * batch_size * per_token)
     blocks = plan.to_quantize // config.block_size  # block tables: int32 per row, keys and values
     tables = 2 * shape.num_layers * batch_size * table_capacity(blocks) * 4 if blocks else 0

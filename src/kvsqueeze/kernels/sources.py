@@ -91,9 +91,12 @@ def _paged_meta(part: PagedPart, tensors: list[torch.Tensor]) -> list[int]:
     first = len(tensors)
     row = source_meta(part.slabs[0], tensors)
     stride = len(tensors) - first
+    first_slab = part.slabs[0]
+    spec = getattr(first_slab, "spec", None)
     for j, slab in enumerate(part.slabs[1:], 1):
         held = slab.tensors()  # source_meta's order: values, or codes, scale (, zero)
-        if len(held) != stride:
+        other = getattr(slab, "spec", None)
+        if type(slab) is not type(first_slab) or len(held) != stride or (other is not spec and other != spec):
             raise ValueError(f"paged part: slab {j} has another format than slab 0; all slabs must share one")
         tensors += held
     tensors.append(part.table)
