@@ -101,7 +101,7 @@ class CacheConfig:
         tokens: per-token precision and eviction of the tokens leaving the window
             (`TokenPolicy`: roles, importance, ``keep_exact``, ``evict``); None: every such token
             is packed with ``key``/``value``. Per-layer overrides set the low class of their layer;
-            not combinable (yet) with rotations or pre-RoPE keys.
+            rotations and pre-RoPE keys apply to every packed class (high and low).
         exact_dtype: dtype of the exact parts (sinks, residual window, tokens awaiting a flush):
             ``"auto"`` (default) stores them in float16 when the model computes in float32 and the
             config quantizes something (a 16-bit window costs half of a float32 one; a store whose
@@ -170,11 +170,6 @@ class CacheConfig:
         layers = [o.layer for o in self.layer_overrides]
         if len(set(layers)) != len(layers):
             raise ValueError(f"layer_overrides: layers {layers} repeat; each layer may appear once")
-        if self.tokens is not None and (self.rotate_keys or self.rotate_values or self.pre_rope_keys):
-            raise ValueError(
-                "tokens: a token policy cannot be combined with rotate_keys, rotate_values or pre_rope_keys "
-                "yet; allowed: a token policy over key/value specs (per-layer overrides included)"
-            )
         for name, spec in self.named_specs():
             spec.check_block_size(self.block_size, field=f"{name}.group_size")
 
