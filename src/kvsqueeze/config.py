@@ -16,6 +16,7 @@ import torch
 from .config_file import Fingerprint, as_fingerprint, check_fingerprint, read_config_file
 from .policies import presses
 from .policies.plan import TokenPolicy
+from .quant.exact import ExactSpec
 from .quant.spec import Axis, QuantSpec, as_spec, check_bool, check_int, from_fields
 
 __all__ = [
@@ -301,12 +302,12 @@ class CacheConfig:
         return (k + v) / 2
 
     def bytes_per_token(
-        self, num_layers: int, num_kv_heads: int, head_dim: int, exact_bytes: int = 2
+        self, num_layers: int, num_kv_heads: int, head_dim: int, exact_bytes: int | ExactSpec = 2
     ) -> float:
         """Bytes per token of packed history over all layers (keys + values, scales and outlier side
         store included).
 
-        Exact tensors (spec None) count ``exact_bytes`` per element. Sinks and the residual window
+        Exact tensors (spec None) count as ``exact_bytes``: an `ExactSpec`, or its bytes per element. Sinks and the residual window
         add a fixed amount per sequence on top; `SqueezedCache.nbytes` counts everything held.
         """
         for name, value in (
@@ -319,10 +320,10 @@ class CacheConfig:
             return sum(
                 c.bytes_per_token(1, num_kv_heads, head_dim, exact_bytes) for c in self._layers(num_layers)
             )
-        per_elem = num_kv_heads * head_dim
-        total = 0.0
-        for spec in (self.key, self.value):
-            total += spec.bytes_per_token(num_kv_heads, head_dim) if spec else per_elem * exact_bytes
+        exact = exact_bytes if isinstance(exact_bytes, ExactSpec) else ExactSpec.for_itemsize(exact_bytes)
+        total = sum(
+            (spec or exact).bytes_per_token(num_kv_heads, head_dim) for spec in (self.key, self.value)
+        )
         return num_layers * total
 
     def to_dict(self) -> dict:

@@ -43,6 +43,14 @@ class ExactSpec:
         """Stored bytes per token of one layer's keys (or values): ``kv_heads x head_dim`` elements."""
         return float(num_kv_heads * head_dim * self.itemsize)
 
+    @staticmethod
+    def for_itemsize(itemsize: int) -> ExactSpec:
+        """The float spec of ``itemsize`` bytes per element (2: float16, 4: float32, 8: float64)."""
+        dtypes = {2: torch.float16, 4: torch.float32, 8: torch.float64}
+        if itemsize not in dtypes:
+            raise ValueError(f"exact_bytes: {itemsize!r}; allowed: {list(dtypes)}")
+        return ExactSpec(dtypes[itemsize])
+
     def kv_bytes_per_token(self, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
         """Bytes per token of keys and values over ``num_layers`` layers (``FP16``: an fp16 cache)."""
         return 2 * num_layers * round(self.bytes_per_token(num_kv_heads, head_dim))
