@@ -294,7 +294,7 @@ def test_packed_tensor_empty_copy_and_slices(fmt: str, bits: int, axis: str, sym
 def test_exact_spec_bytes_per_token() -> None:
     from kvsqueeze.quant.exact import FP16, ExactSpec
 
-    assert FP16 == ExactSpec(torch.float16) and FP16.is_exact and not QuantSpec(bits=4).is_exact
+    assert ExactSpec(torch.float16) == FP16 and FP16.is_exact and not QuantSpec(bits=4).is_exact
     assert FP16.bytes_per_token(3, 64) == 3 * 64 * 2 and FP16.bits_per_element == 16
     assert ExactSpec(torch.float32).bytes_per_token(3, 64) == 3 * 64 * 4
     assert FP16.kv_bytes_per_token(30, 3, 64) == 2 * 30 * 3 * 64 * 2  # keys + values, every layer
