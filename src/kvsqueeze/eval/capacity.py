@@ -81,13 +81,12 @@ class KVShape:
         return cls(cfg.num_hidden_layers, heads, head_dim, context_limit(cfg).tokens)
 
 
-def exact_bytes(shape: KVShape, num_tokens: int, batch_size: int, spec: ExactSpec) -> int:
-    """Bytes of an exact cache of ``num_tokens`` tokens stored as ``spec``."""
-    return (
-        spec.kv_bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim)
-        * batch_size
-        * num_tokens
-    )
+def exact_bytes(shape: KVShape, num_tokens: int, batch_size: int, spec: ExactSpec | int) -> int:
+    """Bytes of an exact cache of ``num_tokens`` tokens stored as ``spec`` (an `ExactSpec`, or its
+    bytes per element)."""
+    exact = spec if isinstance(spec, ExactSpec) else ExactSpec.for_itemsize(spec)
+    per_token = exact.kv_bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim)
+    return per_token * batch_size * num_tokens
 
 
 def squeezed_bytes(
@@ -120,7 +119,7 @@ def predictor(
     A preset name is sized with its groups fitted to ``shape.head_dim`` (`CacheConfig.for_head_dim`);
     with ``model_config``, a ``best-*`` preset is sized as the bundled calibration it resolves to."""
     if method.config.get("cache") == "DynamicCache":
-        return lambda n, b: exact_bytes(shape, n, b, ExactSpec.for_itemsize(dtype_bytes))
+        return lambda n, b: exact_bytes(shape, n, b, dtype_bytes)
     if "cache" in method.config:
         return None  # transformers' QuantizedCache: its size depends on when the residual was flushed
     config = CacheConfig.from_dict(method.config)

@@ -110,7 +110,8 @@ def _after_forward(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
 
 
 class SqueezedLayer(CacheLayerMixin):
-    """One full-attention layer: exact sinks, packed history, exact residual window.
+    """One full-attention layer: exact sinks, placed tokens (a packed history, or a token policy's
+    classes), exact residual window, all in one `LayerStore`.
 
     `update` returns keys and values of shape (batch, kv_heads, tokens, head_dim) for this layer's
     attention. Reference path: full-precision tensors, the history dequantized into a workspace

@@ -39,7 +39,7 @@ from ..policies.plan import Counts
 from ..policies.window import SinkWindowPolicy, TokenPlan
 from ..quant.exact import ExactTensor
 from .block_pool import BlockPool
-from .exact_buffer import ExactBuffer
+from .exact_buffer import ExactBuffer, ExactChunks
 from .pages import Page, PagedStore, SegmentTuple
 from .placement import SequencePlacement
 from .policy_placement import PolicyPlacement
@@ -115,12 +115,12 @@ class LayerStore:
         return self.window.value
 
     @property
-    def packed_k(self) -> PagedStore | object:
+    def packed_k(self) -> PagedStore | ExactChunks:
         """The packed history's keys (plain strategy; the low class of a token policy)."""
         return self.placement.history.pages_k
 
     @property
-    def packed_v(self) -> PagedStore | object:
+    def packed_v(self) -> PagedStore | ExactChunks:
         return self.placement.history.pages_v
 
     @property
