@@ -102,7 +102,11 @@ GENERATE_REFUSALS = [
     (("--evict", "1.5"), "--evict: 1.5 is not allowed", "(0, 1]"),
     (("--evict-scorer", "h2o"), "--evict-scorer: 'h2o' given without --evict", "add --evict"),
     (("--kv", "h2o-50", "--evict", "0.3"), "--evict: --kv h2o-50 already has a token policy", "k4v2"),
-    (("--kv", "best-3bit", "--evict", "0.3"), "--evict: --kv best-3bit rotates", "allowed:"),
+    (  # best-3bit takes an eviction policy now, but not one the reference path cannot score
+        ("--kv", "best-3bit", "--evict", "0.3", "--evict-scorer", "h2o"),
+        "--evict-scorer: 'h2o' scores tokens by attention",
+        "allowed with it: 'knorm'",
+    ),
     (
         ("--kv-values", "nf4", "--evict", "0.5", "--evict-scorer", "h2o"),
         "--evict-scorer: 'h2o' scores tokens by attention",

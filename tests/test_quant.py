@@ -286,3 +286,39 @@ def test_packed_tensor_empty_copy_and_slices(fmt: str, bits: int, axis: str, sym
 
     swapped = packed.map(lambda t: t.flip(0))
     assert torch.equal(swapped.dequantize(), packed.dequantize().flip(0))
+
+
+# ----- ExactSpec: the exact format knows its size like the quantized specs ----------------------
+
+
+def test_exact_spec_bytes_per_token() -> None:
+    from kvsqueeze.quant.exact import FP16, ExactSpec
+
+    assert ExactSpec(torch.float16) == FP16 and FP16.is_exact and not QuantSpec(bits=4).is_exact
+    assert FP16.bytes_per_token(3, 64) == 3 * 64 * 2 and FP16.bits_per_element == 16
+    assert ExactSpec(torch.float32).bytes_per_token(3, 64) == 3 * 64 * 4
+    assert FP16.kv_bytes_per_token(30, 3, 64) == 2 * 30 * 3 * 64 * 2  # keys + values, every layer
+    assert ExactSpec.for_itemsize(4) == ExactSpec(torch.float32)
+    with pytest.raises(ValueError, match=r"exact_bytes: 3; allowed: \[2, 4, 8\]"):
+        ExactSpec.for_itemsize(3)
+    with pytest.raises(ValueError, match="dtype None"):
+        ExactSpec().bytes_per_token(3, 64)
+
+
+def test_exact_blocks_are_sized_by_their_spec() -> None:
+    from kvsqueeze.config import preset
+    from kvsqueeze.quant.exact import FP16, ExactSpec
+    from kvsqueeze.storage.block_pool import BlockPool
+
+    pool = BlockPool(None, 16, per_slab=4)  # None: exact, as in CacheConfig
+    assert pool.spec == ExactSpec() and pool.block_nbytes == 0
+    ids = pool.allocate(3, like=torch.zeros(1, 2, 16, 64, dtype=torch.float16))
+    pool.write(ids, pool.encode(torch.randn(1, 2, 48, 64).half()))
+    assert pool.spec == FP16  # the dtype is fixed by the first write
+    assert pool.block_nbytes == round(16 * FP16.bytes_per_token(2, 64)) == 16 * 2 * 64 * 2
+    assert pool.nbytes == sum(t.numel() * t.element_size() for t in pool.tensors())
+    none = preset("none")
+    assert none.bytes_per_token(2, 4, 64) == FP16.kv_bytes_per_token(2, 4, 64)
+    assert none.bytes_per_token(2, 4, 64, exact_bytes=ExactSpec(torch.float32)) == none.bytes_per_token(
+        2, 4, 64, exact_bytes=4
+    )

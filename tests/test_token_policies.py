@@ -20,7 +20,7 @@ from kvsqueeze.eval.methods import resolve_method
 from kvsqueeze.integrations import SqueezedCache, register
 from kvsqueeze.kernels import cpu
 from kvsqueeze.policies import Counts, Precision, Role, TokenPolicy, mark_spans
-from kvsqueeze.storage.mixed import MixedLayerStore
+from kvsqueeze.storage.layer import LayerStore
 
 LOGIT_TOL = 1e-4
 CHUNKS = [100] + [1, 7] * 10 + [1] * 6  # 186 tokens: chunked prefill, then decode
@@ -93,7 +93,7 @@ def test_layer_keep_exact_budgets_reach_the_stores(tiny_llama) -> None:
     assert exact == [0, decided // 2] and decided > 0
 
 
-def test_token_policies_take_per_layer_overrides_but_not_transforms(tiny_llama) -> None:
+def test_token_policies_take_per_layer_overrides_and_transforms(tiny_llama) -> None:
     from kvsqueeze.config import LayerOverride
 
     k4 = QuantSpec(bits=4, axis="channel", group_size=16)
@@ -107,9 +107,9 @@ def test_token_policies_take_per_layer_overrides_but_not_transforms(tiny_llama) 
     with torch.inference_mode():
         tiny_llama(input_ids=ids, cache=cache, use_cache=True)
     low = [layer.store.classes[Precision.LOW] for layer in cache.layers]
-    assert low[0].pages_k.spec == K2 and low[1].pages_k.spec == k4 and low[1].pages_v.spec is None
-    with pytest.raises(ValueError, match="tokens: a token policy cannot be combined with rotate_keys"):
-        cfg.replace(rotate_keys=True)
+    assert low[0].pages_k.spec == K2 and low[1].pages_k.spec == k4 and low[1].pages_v.is_exact
+    rotated = cfg.replace(rotate_keys=True, pre_rope_keys=True)  # refused before the one store class
+    assert rotated.tokens == policy and not rotated.kernel_readable
 
 
 def test_keep_exact_by_layer_water_fills_the_budget() -> None:
@@ -205,36 +205,36 @@ def test_plan_roles_force_classes_and_rows_must_agree() -> None:
 # ----- the store ------------------------------------------------------------------------------
 
 
-def held_bytes(store: MixedLayerStore) -> int:
+def held_bytes(store: LayerStore) -> int:
     """Bytes of every distinct tensor the store holds (independent of its own accounting)."""
     return store_tensor_bytes([store])
 
 
 def test_store_sends_roles_to_classes_and_counts_bytes() -> None:
-    store = MixedLayerStore(small(TokenPolicy(roles={"text": "exact", "image": "low"}), K2, V2))
+    store = LayerStore(small(TokenPolicy(roles={"text": "exact", "image": "low"}), K2, V2))
     roles = torch.zeros(1, 200, dtype=torch.int8)
     roles[:, 20:148] = int(Role.IMAGE)  # 128 image tokens
-    store.roles = roles
+    store.set_roles(roles)
     torch.manual_seed(0)
     for n in (100, 50, 50):
         k, v = torch.randn(2, 1, 3, n, 64).unbind(0)
-        store.stash(k, v)
+        store.append(k, v)
         store.settle()
     assert store.num_seen == store.num_tokens == 200
     assert store.classes[Precision.LOW].num_tokens == 128
     assert store.classes[Precision.LOW].pages_k.num_tokens == 128  # whole blocks packed
     assert store.classes[Precision.EXACT].num_tokens == 200 - 128 - 2 - store.window_k.num_tokens
     assert store.nbytes == held_bytes(store)
-    assert sum(n for *_, n in store.segments()) == store.num_tokens
+    assert sum(n for *_, n in store.segments(k, v)) == store.num_tokens
 
 
 def test_exact_class_window_and_staging_hold_about_their_tokens() -> None:
     """No page tails or full-capacity buffers: a short run holds close to its tokens' bytes."""
-    store = MixedLayerStore(small(TokenPolicy(scorer="knorm", keep_exact=0.25), K2, V2))
+    store = LayerStore(small(TokenPolicy(scorer="knorm", keep_exact=0.25), K2, V2))
     torch.manual_seed(1)
     for n in (90, 3, 2):
         k, v = torch.randn(2, 1, 3, n, 64).unbind(0)
-        store.stash(k, v)
+        store.append(k, v)
         store.settle()
     exact = store.classes[Precision.EXACT]
     row = 3 * 64 * 4  # bytes of one float32 token
@@ -247,10 +247,10 @@ def test_exact_class_window_and_staging_hold_about_their_tokens() -> None:
 
 
 def test_store_evicts_and_keeps_rectangular_rows() -> None:
-    store = MixedLayerStore(small(TokenPolicy(scorer="knorm", evict=0.5, default="exact")))
+    store = LayerStore(small(TokenPolicy(scorer="knorm", evict=0.5, default="exact")))
     for n in (64, 1, 31, 64):
         k, v = torch.randn(2, 2, 3, n, 64).unbind(0)
-        store.stash(k, v)
+        store.append(k, v)
         store.settle()
     decided = 160 - 2 - store.window_k.num_tokens
     assert store.num_seen == 160

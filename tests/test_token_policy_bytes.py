@@ -21,8 +21,9 @@ from kvsqueeze.eval.memory import store_tensor_bytes
 from kvsqueeze.kernels import cpu
 from kvsqueeze.policies import Precision, TokenPolicy, presses
 from kvsqueeze.storage.exact_buffer import ExactBuffer, ExactChunks
-from kvsqueeze.storage.mixed import MixedLayerStore
+from kvsqueeze.storage.layer import LayerStore
 from kvsqueeze.storage.pages import PagedStore
+from kvsqueeze.storage.row_sinks import RowSinks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,9 +60,9 @@ def ids(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def stores(cache: SqueezedCache) -> list[MixedLayerStore]:
+def stores(cache: SqueezedCache) -> list[LayerStore]:
     out = [layer.store for layer in cache.layers]
-    assert all(isinstance(s, MixedLayerStore) for s in out)
+    assert all(isinstance(s, LayerStore) and s.tokens is not None for s in out)  # token-policy stores
     return out
 
 
@@ -77,10 +78,10 @@ def held(model: LlamaForCausalLM, config: CacheConfig, prompt: int, decode: int 
     return cache
 
 
-def exact_tensors(store: MixedLayerStore) -> list[torch.Tensor]:
+def exact_tensors(store: LayerStore) -> list[torch.Tensor]:
     """Every exact tensor the store holds: sinks, window, staging, exact class, exact pages."""
-    exact = [b for b in store.buffers() if not isinstance(b, PagedStore) or b.spec is None]
-    assert all(isinstance(b, (ExactBuffer, ExactChunks, PagedStore)) for b in exact)
+    exact = [b for b in store.buffers() if not isinstance(b, PagedStore) or b.is_exact]
+    assert all(isinstance(b, (ExactBuffer, ExactChunks, PagedStore, RowSinks)) for b in exact)
     return [t for b in exact for t in b.tensors()]
 
 

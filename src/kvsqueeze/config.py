@@ -16,6 +16,7 @@ import torch
 from .config_file import Fingerprint, as_fingerprint, check_fingerprint, read_config_file
 from .policies import presses
 from .policies.plan import TokenPolicy
+from .quant.exact import ExactSpec
 from .quant.spec import Axis, QuantSpec, as_spec, check_bool, check_int, from_fields
 
 __all__ = [
@@ -101,7 +102,7 @@ class CacheConfig:
         tokens: per-token precision and eviction of the tokens leaving the window
             (`TokenPolicy`: roles, importance, ``keep_exact``, ``evict``); None: every such token
             is packed with ``key``/``value``. Per-layer overrides set the low class of their layer;
-            not combinable (yet) with rotations or pre-RoPE keys.
+            rotations and pre-RoPE keys apply to every packed class (high and low).
         exact_dtype: dtype of the exact parts (sinks, residual window, tokens awaiting a flush):
             ``"auto"`` (default) stores them in float16 when the model computes in float32 and the
             config quantizes something (a 16-bit window costs half of a float32 one; a store whose
@@ -170,11 +171,6 @@ class CacheConfig:
         layers = [o.layer for o in self.layer_overrides]
         if len(set(layers)) != len(layers):
             raise ValueError(f"layer_overrides: layers {layers} repeat; each layer may appear once")
-        if self.tokens is not None and (self.rotate_keys or self.rotate_values or self.pre_rope_keys):
-            raise ValueError(
-                "tokens: a token policy cannot be combined with rotate_keys, rotate_values or pre_rope_keys "
-                "yet; allowed: a token policy over key/value specs (per-layer overrides included)"
-            )
         for name, spec in self.named_specs():
             spec.check_block_size(self.block_size, field=f"{name}.group_size")
 
@@ -306,12 +302,12 @@ class CacheConfig:
         return (k + v) / 2
 
     def bytes_per_token(
-        self, num_layers: int, num_kv_heads: int, head_dim: int, exact_bytes: int = 2
+        self, num_layers: int, num_kv_heads: int, head_dim: int, exact_bytes: int | ExactSpec = 2
     ) -> float:
         """Bytes per token of packed history over all layers (keys + values, scales and outlier side
         store included).
 
-        Exact tensors (spec None) count ``exact_bytes`` per element. Sinks and the residual window
+        Exact tensors (spec None) count as ``exact_bytes``: an `ExactSpec`, or its bytes per element. Sinks and the residual window
         add a fixed amount per sequence on top; `SqueezedCache.nbytes` counts everything held.
         """
         for name, value in (
@@ -324,10 +320,10 @@ class CacheConfig:
             return sum(
                 c.bytes_per_token(1, num_kv_heads, head_dim, exact_bytes) for c in self._layers(num_layers)
             )
-        per_elem = num_kv_heads * head_dim
-        total = 0.0
-        for spec in (self.key, self.value):
-            total += spec.bytes_per_token(num_kv_heads, head_dim) if spec else per_elem * exact_bytes
+        exact = exact_bytes if isinstance(exact_bytes, ExactSpec) else ExactSpec.for_itemsize(exact_bytes)
+        total = sum(
+            (spec or exact).bytes_per_token(num_kv_heads, head_dim) for spec in (self.key, self.value)
+        )
         return num_layers * total
 
     def to_dict(self) -> dict:

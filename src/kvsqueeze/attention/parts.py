@@ -1,12 +1,15 @@
 """`AttentionParts`: one layer's keys and values for one attention call, read in place.
 
-Sequence order: ``[sinks | packed pages | residual window | new tokens]``, as `Segment` runs
+Order: `LayerStore.segments` (``[sinks | placed tokens | residual window]``), then the new tokens, as
+`Segment` runs
 whose keys and values each have one storage format (`ExactTensor` or `PackedTensor`). The new
 tokens and the residual window are exact, as in the reference path (`reference.materialize`).
 
 `snapshot` captures the parts *before* ``store.append`` of the new tokens, without copying the
 history: sinks and pages are only ever written past what is captured, and the residual window is
-cloned (at most ``residual_window`` tokens) only in the steps where the append rewrites it.
+cloned (at most ``residual_window`` tokens) only in the steps where the append rewrites it. Once the
+attention has read them it calls `AttentionParts.finish`, which lets the store `commit` the step
+(a token policy's attention scorer observes the queries, then the new tokens are placed).
 
 Verification reads (`storage.layer.DraftReads`, assisted decoding): tokens some queries must read
 quantized while the store still holds them exact join as one more exact segment of their
@@ -27,7 +30,6 @@ from ..kernels.dequantize import dequantize_into
 from ..quant.exact import ExactTensor
 from ..quant.packed import PackedTensor
 from ..storage.layer import DraftReads, LayerStore
-from ..storage.mixed import MixedLayerStore
 from ..storage.row_sinks import RowSinkView
 from .reference import Workspace
 
@@ -65,7 +67,8 @@ class AttentionParts:
 
     def finish(self, query: torch.Tensor, scaling: float) -> None:
         """Called by the attention once it has read the parts, with its query (batch, q_heads, q_len,
-        head_dim): a token-policy layer then scores and settles its new tokens."""
+        head_dim): the store then commits the step (`LayerStore.commit`: a token-policy layer scores
+        and places its new tokens)."""
         if self.on_finish is not None:
             self.on_finish(query, scaling)
 
@@ -213,11 +216,15 @@ def snapshot(
 ) -> AttentionParts:
     """The parts for attention over ``store`` plus the new ``key``, ``value`` (batch, kv_heads, n,
     head_dim), with the verification reads ``drafts`` of `LayerStore.draft_reads`. Must be called
-    before ``store.append`` of the same tokens."""
+    before ``store.append`` of the same tokens; `AttentionParts.finish` commits them."""
     segments = [Segment(k, v, n) for k, v, n in store.segments(key, value)]
     segments.append(_exact(key, value))
     return AttentionParts(
-        tuple(segments), workspace, row_sinks=store.row_sinks.view(store.num_tokens), drafts=drafts
+        tuple(segments),
+        workspace,
+        store.commit,
+        row_sinks=store.row_sink_view(),
+        drafts=drafts,
     )
 
 
@@ -243,19 +250,3 @@ def dense_parts(
 
 def _exact(key: torch.Tensor, value: torch.Tensor) -> Segment:
     return Segment(ExactTensor(key), ExactTensor(value), key.shape[-2])
-
-
-def mixed_snapshot(
-    store: MixedLayerStore, key: torch.Tensor, value: torch.Tensor, workspace: Workspace
-) -> AttentionParts:
-    """The parts for attention over a token-policy ``store`` plus the new ``key``, ``value``
-    (batch, kv_heads, n, head_dim); segments in any class order, the new tokens last. Must be called
-    before ``store.stash`` of the same tokens; the store is not modified until `AttentionParts.finish`."""
-    segments = [Segment(k, v, n) for k, v, n in store.segments()]
-    segments.append(_exact(key, value))
-
-    def finish(query: torch.Tensor, scaling: float) -> None:
-        store.observe(query, scaling)
-        store.settle()
-
-    return AttentionParts(tuple(segments), workspace, finish)

@@ -1,7 +1,8 @@
 """Reference read path: dequantize one layer's history into transient buffers.
 
-`materialize` returns full-precision keys and values for the layer being computed, in
-sequence order ``[sinks | packed history | residual window | new tokens]``, in buffers from the
+`materialize` returns full-precision keys and values for the layer being computed, in the order of
+`LayerStore.segments` (``[sinks | placed tokens | residual window]``) then the new tokens, with
+every page transform undone (`LayerStore.restore_`), in buffers from the
 `Workspace` that live as long as the attention uses them. Any attention implementation can
 consume them.
 """
@@ -50,7 +51,7 @@ def materialize(
             store.restore_(seg[index], index, dequantize_into(seg[index], rows))  # transform undone
             pos += seg[2]
         _put(out, pos, new)
-    row_sinks = store.row_sinks.view(store.num_tokens)
+    row_sinks = store.row_sink_view()
     if row_sinks is not None:  # left-padded rows: their first real tokens, exact
         row_sinks.overlay(out_k, 0)
         row_sinks.overlay(out_v, 1)

@@ -279,11 +279,6 @@ class KVChoice:
             raise ValueError(
                 f"--evict: --kv {self.kv} already has a token policy; allowed: a base without one, e.g. {plain}"
             )
-        if not _takes_eviction(config):
-            raise ValueError(
-                f"--evict: --kv {self.kv} rotates keys or values or keeps pre-RoPE keys, which a token policy "
-                f"cannot be combined with yet; allowed: a base without them, e.g. {plain}"
-            )
         exact = config.key is None and config.value is None and not config.layer_overrides
         policy = EVICT_SCORERS[scorer](self.evict, default="exact" if exact else "low")
         try:
@@ -299,9 +294,9 @@ class KVChoice:
 
 
 def _takes_eviction(config: CacheConfig) -> bool:
-    """Whether a token policy can be added to ``config`` (no policy yet, no rotation, post-RoPE keys)."""
-    transformed = config.rotate_keys or config.rotate_values or config.pre_rope_keys
-    return config.tokens is None and not transformed
+    """Whether a token policy can be added to ``config`` (it has none yet; rotations and pre-RoPE keys
+    combine with one)."""
+    return config.tokens is None
 
 
 def _replace_specs(config: CacheConfig, role: str, text: str, flag: str, head_dim: int | None) -> CacheConfig:

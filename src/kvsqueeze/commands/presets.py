@@ -15,6 +15,7 @@ from typing import Any
 from rich.table import Table
 
 from ..config import PRESET_NOTES, PRESETS, TOKEN_PRESETS, CacheConfig, preset, resolve_config
+from ..quant.exact import FP16
 from ..quant.spec import Axis, QuantSpec
 from .common import console, load_model_config, model_shape, print_table
 
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> None:
 
     model_config = load_model_config("--model", args.model)
     layers, heads, head_dim, _ = model_shape(model_config)
-    fp16 = 2 * 2 * layers * heads * head_dim
+    fp16 = FP16.kv_bytes_per_token(layers, heads, head_dim)
     rows = []
     for name in PRESETS:
         cfg, row = resolve_for_model(name, model_config)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..quant.exact import ExactSpec
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MEMINFO = Path("/proc/meminfo")
 CGROUP = Path("/sys/fs/cgroup")
@@ -153,7 +155,11 @@ def run_need(
         cfg = model_config.get_text_config(decoder=True)
         heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv = 2 * cfg.num_hidden_layers * heads * head_dim * tokens * batch * size
+        kv = (
+            ExactSpec.for_itemsize(size).kv_bytes_per_token(cfg.num_hidden_layers, heads, head_dim)
+            * tokens
+            * batch
+        )
     acts = batch * context * activation_bytes_per_token(model_config, size)
     return RunNeed(weight_bytes(model_config, size), kv, acts)
 

@@ -30,6 +30,7 @@ import torch
 
 from ..config import PRESETS, CacheConfig, exact_storage_dtype
 from ..policies.window import SinkWindowPolicy
+from ..quant.exact import ExactSpec
 from ..storage.block_table import table_capacity
 from ..storage.transform import constants_nbytes
 from .memory import cache_nbytes
@@ -80,9 +81,12 @@ class KVShape:
         return cls(cfg.num_hidden_layers, heads, head_dim, context_limit(cfg).tokens)
 
 
-def exact_bytes(shape: KVShape, num_tokens: int, batch_size: int, dtype_bytes: int) -> int:
-    """Bytes of an exact cache of ``num_tokens`` tokens."""
-    return 2 * shape.num_layers * batch_size * shape.num_kv_heads * shape.head_dim * dtype_bytes * num_tokens
+def exact_bytes(shape: KVShape, num_tokens: int, batch_size: int, spec: ExactSpec | int) -> int:
+    """Bytes of an exact cache of ``num_tokens`` tokens stored as ``spec`` (an `ExactSpec`, or its
+    bytes per element)."""
+    exact = spec if isinstance(spec, ExactSpec) else ExactSpec.for_itemsize(spec)
+    per_token = exact.kv_bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim)
+    return per_token * batch_size * num_tokens
 
 
 def squeezed_bytes(
@@ -97,15 +101,15 @@ def squeezed_bytes(
     )
     in_window = num_tokens - plan.to_sinks - plan.to_quantize
     exact_tokens = (config.sink_tokens if plan.to_sinks else 0) + in_window
-    model_dtype = {4: torch.float32, 2: torch.float16}.get(dtype_bytes, torch.float32)
-    exact_size = exact_storage_dtype(config.exact_dtype, model_dtype, not config.is_exact).itemsize
-    # exact blocks (a None spec: preset "none") hold the exact parts' storage dtype too
-    per_token = config.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, exact_size)
+    model = ExactSpec.for_itemsize(dtype_bytes)
+    exact = ExactSpec(exact_storage_dtype(config.exact_dtype, model.dtype, not config.is_exact))
+    # exact blocks (preset "none") hold the exact parts' storage dtype too
+    per_token = config.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, exact)
     packed = round(plan.to_quantize * batch_size * per_token)
     blocks = plan.to_quantize // config.block_size  # block tables: int32 per row, keys and values
     tables = 2 * shape.num_layers * batch_size * table_capacity(blocks) * 4 if blocks else 0
     constants = constants_nbytes(config._layers(shape.num_layers), shape.head_dim)
-    return exact_bytes(shape, exact_tokens, batch_size, exact_size) + packed + tables + constants
+    return exact_bytes(shape, exact_tokens, batch_size, exact) + packed + tables + constants
 
 
 def predictor(

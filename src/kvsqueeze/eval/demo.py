@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..integrations.cache import SqueezedCache
+from ..quant.exact import FP16
 from .demo_text import DEMO_DOCUMENT, DEMO_QUESTION
 from .generation import agreement, greedy_decode
 from .methods import Method, resolve_method
@@ -82,7 +83,7 @@ def run_demo(
     methods = demo_methods(presets)
     input_ids = demo_prompt(tokenizer)
     num_layers, num_kv_heads, head_dim = kv_shape(model.config)
-    fp16_per_token = 2 * 2 * num_layers * num_kv_heads * head_dim
+    fp16_per_token = FP16.kv_bytes_per_token(num_layers, num_kv_heads, head_dim)
     exact = greedy_decode(
         model, input_ids, SqueezedCache.from_model(model, "none"), new_tokens, progress=progress, desc="exact"
     )

@@ -59,13 +59,12 @@ def held_tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
 
 def store_tensor_bytes(stores: Iterable[Any]) -> int:
     """Bytes of the distinct tensor storages kvsqueeze layer stores hold, found by walking their
-    buffers' ``tensors()`` (exact data, chunks, pages) and a mixed store's pending tokens rather
-    than by their own ``nbytes`` bookkeeping, which it checks."""
+    buffers' ``tensors()`` (exact data, chunks, pages, pending tokens) rather than by their own
+    ``nbytes`` bookkeeping, which it checks."""
     tensors: list[torch.Tensor] = []
     for store in stores:
         for buf in store.buffers():
             tensors += buf.tensors()
-        tensors += list(getattr(store, "pending", None) or ())
     return held_tensor_bytes([t for t in tensors if t is not None])
 
 

@@ -27,6 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..quant.exact import FP16
+
 if TYPE_CHECKING:
     from ..config import CacheConfig
 
@@ -50,11 +52,11 @@ def config_sizes(cache_config: CacheConfig, model_config: Any) -> dict[str, floa
     ``fraction_of_fp16`` (``bytes_per_token`` over an fp16 cache's). The fixed exact sinks and
     residual window are not included; `SqueezedCache.nbytes` counts everything held."""
     num_layers, num_kv_heads, head_dim = kv_shape(model_config)
-    per_token = cache_config.bytes_per_token(num_layers, num_kv_heads, head_dim, exact_bytes=EXACT_BITS // 8)
+    per_token = cache_config.bytes_per_token(num_layers, num_kv_heads, head_dim, exact_bytes=FP16)
     return {
         "bits_per_element": cache_config.bits_per_element(exact_bits=EXACT_BITS, num_layers=num_layers),
         "bytes_per_token": per_token,
-        "fraction_of_fp16": per_token / (2 * num_layers * num_kv_heads * head_dim * EXACT_BITS // 8),
+        "fraction_of_fp16": per_token / FP16.kv_bytes_per_token(num_layers, num_kv_heads, head_dim),
     }
 
 

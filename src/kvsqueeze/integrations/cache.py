@@ -21,12 +21,11 @@ from transformers.cache_utils import (
 )
 
 from ..attention.packed_view import packed_views
-from ..attention.parts import dense_parts, mixed_snapshot, snapshot
+from ..attention.parts import dense_parts, snapshot
 from ..attention.reference import Workspace, materialize
-from ..config import CacheConfig, exact_storage_dtype, resolve_config
+from ..config import CacheConfig, resolve_config
 from ..storage.block_pool import BlockPool
 from ..storage.layer import LayerStore
-from ..storage.mixed import MixedLayerStore
 from ..storage.prefix_cache import KVPool
 from ..storage.row_sinks import first_real_columns
 from ..storage.transform import PageTransform, layer_transforms
@@ -111,7 +110,8 @@ def _after_forward(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
 
 
 class SqueezedLayer(CacheLayerMixin):
-    """One full-attention layer: exact sinks, packed history, exact residual window.
+    """One full-attention layer: exact sinks, placed tokens (a packed history, or a token policy's
+    classes), exact residual window, all in one `LayerStore`.
 
     `update` returns keys and values of shape (batch, kv_heads, tokens, head_dim) for this layer's
     attention. Reference path: full-precision tensors, the history dequantized into a workspace
@@ -141,20 +141,12 @@ class SqueezedLayer(CacheLayerMixin):
         self.forward_shape = forward_shape or ForwardShape()
         self.context = context or ContextLimit(None, "no limit given")
         self.fused = fused
-        # token policies and transforms do not combine (CacheConfig rejects it)
-        self.store = (
-            LayerStore(config, *transforms, name=name, pools=pools)
-            if config.tokens is None
-            else MixedLayerStore(config, name=name)
-        )
+        self.store = LayerStore(config, *transforms, name=name, pools=pools)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        if isinstance(self.store, LayerStore):  # exact parts in 16 bits for a float32 model (exact_dtype)
-            quantizes = not self.config.is_exact
-            self.store.set_exact_dtype(exact_storage_dtype(self.config.exact_dtype, self.dtype, quantizes))
-        else:  # token policies too: 16 bits also when they only evict (`MixedLayerStore.exact_dtype_for`)
-            self.store.set_exact_dtype(self.store.exact_dtype_for(self.dtype))
+        # exact parts in 16 bits for a float32 model that quantizes or evicts (CacheConfig.exact_dtype)
+        self.store.set_exact_dtype(self.store.exact_dtype_for(self.dtype))
         self.is_initialized = True
 
     def update(
@@ -165,37 +157,25 @@ class SqueezedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.context.check(self.get_seq_length() + key_states.shape[-2])
         position_ids = (kwargs.get("kwargs") or kwargs).get("position_ids")
-        if isinstance(self.store, MixedLayerStore):
-            if _left_padded(position_ids, self.get_seq_length()):
-                raise ValueError(LEFT_PADDING_ERROR)
-            return self._update_mixed(key_states, value_states)
-        self.store.row_sinks.observe(position_ids, self.store.num_tokens)
-        self.store.settle()  # tokens of the last step are accepted (no crop came): place them first
+        if not self.store.positional and _left_padded(position_ids, self.get_seq_length()):
+            raise ValueError(LEFT_PADDING_ERROR)
+        self.store.observe_positions(position_ids)
+        # tokens of the last step are accepted (no crop came), or were read by an attention other than
+        # kvsqueeze's (no `AttentionParts.finish`): place them first
+        self.store.settle()
         drafts = None
         if self.store.record_past and key_states.shape[-2] > 1:  # assisted decoding: a verification
             chunk = self.forward_shape.chunk_for(key_states.shape[-2], self.store.num_tokens)
             drafts = self.store.draft_reads(key_states, value_states, chunk)
-        if self.fused:
+        if self.fused:  # the kvsqueeze attention reads the parts, then commits the step (finish)
             parts = snapshot(self.store, key_states, value_states, self.workspace, drafts)
             self.store.append(key_states, value_states)
             return packed_views(parts)
         keys, values = materialize(self.store, key_states, value_states, self.workspace)
         self.store.append(key_states, value_states)
+        self.store.commit()  # no queries here: a token policy places its new tokens now
         if drafts is not None:  # read densely by the kvsqueeze attention, which shows each query its copy
             return packed_views(dense_parts(keys, values, key_states.shape[-2], self.workspace, drafts))
-        return keys, values
-
-    def _update_mixed(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token-policy layer: read the held classes plus the new tokens, stash the new tokens; they
-        are scored and settled once the attention has read them (`AttentionParts.finish`, called by
-        the kvsqueeze attention; right here on the reference path)."""
-        self.store.settle()  # no-op unless an attention other than kvsqueeze read the last views
-        parts = mixed_snapshot(self.store, key, value, self.workspace)
-        self.store.stash(key, value)
-        if self.fused:
-            return packed_views(parts)
-        keys, values = parts.dense(0), parts.dense(1)
-        self.store.settle()
         return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -206,7 +186,7 @@ class SqueezedLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         """Tokens seen so far (positions); more than the tokens held once some were evicted."""
-        return getattr(self.store, "num_seen", self.store.num_tokens)
+        return self.store.num_seen
 
     def get_max_length(self) -> int:
         return -1
@@ -231,13 +211,13 @@ class SqueezedLayer(CacheLayerMixin):
     @property
     def is_croppable(self) -> bool:
         """True: `crop` rolls back exactly (after `activate_past_recording`); token policies cannot."""
-        return not isinstance(self.store, MixedLayerStore)
+        return self.store.positional
 
     def activate_past_recording(self) -> None:
         """Keep new tokens exact and pending until the next step or `crop` accepts them, so that
         rejected draft tokens never reach a packed block (transformers calls this before assisted
         decoding). Raises ValueError for token-policy layers, which cannot roll back."""
-        if isinstance(self.store, MixedLayerStore):
+        if not self.store.positional:
             raise ValueError(ROLLBACK_ERROR)
         self.store.record_past = True
 
@@ -247,17 +227,16 @@ class SqueezedLayer(CacheLayerMixin):
             raise ValueError(
                 f"crop: {tokens_to_remove}; allowed: a negative number of newest tokens to remove, or 0"
             )
-        if tokens_to_remove and isinstance(self.store, MixedLayerStore):
+        if tokens_to_remove and not self.store.positional:
             raise ValueError(ROLLBACK_ERROR)
-        if isinstance(self.store, LayerStore):
-            self.store.check_crop(-tokens_to_remove)
+        self.store.check_crop(-tokens_to_remove)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the ``-tokens_to_remove`` newest tokens (transformers' convention: a negative count),
         leaving the state of a cache that never saw them; ``crop(0)`` accepts the pending tokens.
         Raises ValueError when the tokens cannot be rolled back exactly (see `LayerStore.crop`)."""
         self.check_crop(tokens_to_remove)
-        if isinstance(self.store, LayerStore):
+        if self.store.positional:
             self.store.crop(-tokens_to_remove)
 
     def offload(self) -> None:
@@ -386,9 +365,7 @@ class SqueezedCache(Cache):
                 )
         super().__init__(layers=layers)
         if pool is not None:  # a cache dropped without reset() gives its blocks back
-            stores = [
-                x.store for x in layers if isinstance(x, SqueezedLayer) and isinstance(x.store, LayerStore)
-            ]
+            stores = [x.store for x in layers if isinstance(x, SqueezedLayer) and x.store.positional]
             weakref.finalize(self, release_blocks, stores)
         self._first_squeezed = next((i for i, x in enumerate(layers) if isinstance(x, SqueezedLayer)), -1)
 
@@ -454,7 +431,7 @@ class SqueezedCache(Cache):
         position_ids = (kwargs.get("kwargs") or kwargs).get("position_ids")
         if seen and index == self._first_squeezed and position_ids is not None and position_ids.dim() == 2:
             start = int(position_ids[:, 0].max())
-            if start < seen and getattr(layer.store, "record_past", False):
+            if start < seen and layer.store.record_past:
                 raise ValueError(
                     f"assisted decoding on a cache that already holds {seen} tokens: transformers numbers the new "
                     f"tokens from position {start} (its own DynamicCache then departs from plain greedy decoding); "
@@ -556,7 +533,7 @@ class SqueezedCache(Cache):
             if isinstance(layer, SqueezedLayer):
                 if layer.get_seq_length():
                     raise ValueError("roles: set them before the prefill (this cache already holds tokens)")
-                layer.store.roles = roles.to(torch.int8)
+                layer.store.set_roles(roles.to(torch.int8))
 
     def warn_if_unsafe(self, model: Any) -> list[str]:
         """Warn (and return the reasons) when the config is predicted to turn this model's attention
@@ -594,10 +571,8 @@ class SqueezedCache(Cache):
         """Bytes of the distinct transform constants the layers hold (0 without transforms)."""
         seen: dict[int, int] = {}
         for layer in self.layers:
-            store = getattr(layer, "store", None)
-            for packed in (getattr(store, "packed_k", None), getattr(store, "packed_v", None)):
-                for t in packed.constants() if packed is not None else ():
-                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            for t in layer.store.constants() if isinstance(layer, SqueezedLayer) else ():
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return sum(seen.values())
 
     def memory_report(self) -> MemoryReport:

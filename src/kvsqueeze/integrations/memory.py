@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..quant.exact import FP16
+
 
 def exact_layer_nbytes(layer: Any) -> int:
     """Bytes of a layer's exact ``keys``/``values`` tensors (transformers' own layer classes)."""
@@ -90,9 +92,8 @@ class MemoryReport:
         constants = getattr(cache, "constants_nbytes", lambda: 0)()
         if constants:
             parts["transform_constants"] = constants
-        fp16 = (
-            2 * 2 * len(cache.layers) * cache.num_kv_heads * cache.head_dim * cache.get_seq_length() * batch
-        )
+        fp16_per_token = FP16.kv_bytes_per_token(len(cache.layers), cache.num_kv_heads, cache.head_dim)
+        fp16 = fp16_per_token * cache.get_seq_length() * batch
         return cls(
             cache.get_seq_length(),
             batch,

@@ -61,7 +61,7 @@ def _stores(cache: SqueezedCache) -> dict[int, LayerStore]:
     return {
         i: layer.store
         for i, layer in enumerate(cache.layers)
-        if isinstance(layer, SqueezedLayer) and isinstance(layer.store, LayerStore)
+        if isinstance(layer, SqueezedLayer) and layer.store.positional
     }
 
 

@@ -40,10 +40,20 @@ class Rope:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
-    def apply(self, x: torch.Tensor, start: int, inverse: bool = False) -> torch.Tensor:
+    def cos_sin_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (..., head_dim), float32, at the int ``positions`` (...)."""
+        freqs = positions.float()[..., None] * self.inv_freq.to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def apply(self, x: torch.Tensor, start: int | torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """RoPE (or its inverse) of ``x`` (batch, kv_heads, tokens, head_dim) whose token 0 is at
-        position ``start``; a new tensor in ``x``'s dtype."""
-        cos, sin = self.cos_sin(start, x.shape[-2], x.device)
+        position ``start``, or whose tokens are at the positions ``start`` (batch, kv_heads, tokens)
+        int; a new tensor in ``x``'s dtype."""
+        if isinstance(start, torch.Tensor):
+            cos, sin = self.cos_sin_at(start.to(x.device))
+        else:
+            cos, sin = self.cos_sin(start, x.shape[-2], x.device)
         xf = x.float()
         out = xf * cos + rotate_half(xf) * (-sin if inverse else sin)
         return out.to(x.dtype)

@@ -161,6 +161,8 @@ class QuantSpec:
     def has_outliers(self) -> bool:
         return self.outlier_fraction > 0
 
+    is_exact = False  # `exact.ExactSpec` says True
+
     @property
     def is_plain(self) -> bool:
         """Integer or FP8 codes without a side store: what the native kernels read."""

@@ -1,7 +1,7 @@
 """`BlockPool`: blocks of ``block_size`` tokens of one storage format, for one layer and tensor kind.
 
-Storage is a list of slabs (`quant.paged`): each slab is a `PackedTensor` (or, for an exact
-spec, an `ExactTensor`) of shape (blocks, kv_heads, block_size, ...); block id ``i`` is block
+Storage is a list of slabs (`quant.paged`): each slab is a `PackedTensor` (or, for an
+`ExactSpec`, an `ExactTensor`) of shape (blocks, kv_heads, block_size, ...); block id ``i`` is block
 ``i % per_slab`` of slab ``i // per_slab``. A block has no batch dimension: sequences address
 blocks through their block tables (`block_table.BlockTables`), and several sequences may hold the
 same block (reference counts).
@@ -14,12 +14,12 @@ starts; so a pool holds the bytes of the blocks it ever needed at once, never a 
 tail. ``max_blocks`` bounds the pool: `allocate` then raises `PoolFull`.
 
 Bytes: `block_nbytes` is computed from the spec (codes + scales + zero points + outlier side
-store); `nbytes` is ``blocks allocated x block_nbytes`` and equals the bytes of the slab tensors.
+store, or the exact dtype's elements); `nbytes` is ``blocks allocated x block_nbytes`` and equals the bytes of the slab tensors.
 
 Metadata range (`quant.overflow`): a block whose scales, zero points or outlier values do not fit
 the spec's ``scale_dtype`` switches the whole pool to float32 metadata (`widen`), converting the
-held blocks once and exactly, with a `MetadataOverflowWarning`. Exact pools widen their dtype the
-same way when a block arrives in a wider float dtype (float16 pool, float32 tokens).
+held blocks once and exactly, with a `MetadataOverflowWarning`. Exact pools widen their spec's dtype
+the same way when a block arrives in a wider float dtype (float16 pool, float32 tokens).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..quant.exact import ExactTensor
+from ..quant.exact import ExactSpec, ExactTensor, storage_spec
 from ..quant.overflow import MetadataOverflowWarning, metadata_amax
 from ..quant.packed import PackedTensor
 from ..quant.paged import PagedPart, Slab
@@ -42,15 +42,16 @@ class PoolFull(RuntimeError):
 
 
 class BlockPool:
-    """Blocks of one format (``spec``; None: exact values) of one layer's keys or values.
+    """Blocks of one format (``spec``: a `QuantSpec` or an `ExactSpec`; None means ``ExactSpec()``) of
+    one layer's keys or values.
 
-    Shapes are fixed by the first write: ``kv_heads``, ``head_dim``, device (and for exact pools
-    the dtype, widened later when wider tokens arrive).
+    Shapes are fixed by the first write: ``kv_heads``, ``head_dim``, device (and for an exact spec
+    without a dtype, the dtype, widened later when wider tokens arrive).
     """
 
     def __init__(
         self,
-        spec: QuantSpec | None,
+        spec: QuantSpec | ExactSpec | None,
         block_size: int,
         per_slab: int,
         max_blocks: int | None = None,
@@ -58,7 +59,8 @@ class BlockPool:
     ) -> None:
         if block_size < 1 or per_slab < 1:
             raise ValueError(f"block pool: block_size {block_size}, per_slab {per_slab}; allowed: >= 1")
-        self.spec = spec
+        self.spec: QuantSpec | ExactSpec = storage_spec(spec)
+        self._given_spec = self.spec
         self.block_size = block_size
         self.per_slab = per_slab
         self.max_blocks = max_blocks
@@ -67,7 +69,7 @@ class BlockPool:
         self.refs: list[int] = []  # per block id
         self.free: OrderedDict[int, None] = OrderedDict()  # free ids, least recently freed first
         self.on_reuse: Callable[[int], None] | None = None  # called when a freed block is handed out
-        self._shape: tuple[int, int, torch.device, torch.dtype | None] | None = None
+        self._shape: tuple[int, int, torch.device] | None = None
 
     # --- sizes -------------------------------------------------------------------------------------
     @property
@@ -88,9 +90,7 @@ class BlockPool:
         """Bytes of one block, from the spec (0 before the first write fixes the shape)."""
         if self._shape is None:
             return 0
-        heads, head_dim, _, dtype = self._shape
-        if self.spec is None:
-            return heads * self.block_size * head_dim * torch.finfo(dtype).bits // 8
+        heads, head_dim, _ = self._shape
         return round(self.block_size * self.spec.bytes_per_token(heads, head_dim))
 
     @property
@@ -104,9 +104,9 @@ class BlockPool:
 
     # --- allocation --------------------------------------------------------------------------------
     def _empty(self, blocks: int) -> Slab:
-        heads, head_dim, device, dtype = self._shape
-        if self.spec is None:
-            return ExactTensor.empty(blocks, heads, self.block_size, head_dim, dtype, device)
+        heads, head_dim, device = self._shape
+        if self.spec.is_exact:
+            return ExactTensor.empty(blocks, heads, self.block_size, head_dim, self.spec.dtype, device)
         return PackedTensor.empty(blocks, heads, self.block_size, head_dim, self.spec, device)
 
     def _grow(self, n: int) -> None:
@@ -135,12 +135,9 @@ class BlockPool:
         head_dim) fixes the shape on first use. Raises PoolFull (``max_blocks``)."""
         if self._shape is None:
             assert like is not None, "the first allocation needs a tensor to take the shape from"
-            self._shape = (
-                like.shape[1],
-                like.shape[-1],
-                like.device,
-                like.dtype if self.spec is None else None,
-            )
+            self._shape = (like.shape[1], like.shape[-1], like.device)
+            if self.spec.is_exact and self.spec.dtype is None:
+                self.spec = ExactSpec(like.dtype)
         if n > self.num_free:
             self._grow(n - self.num_free)
         ids = []
@@ -172,16 +169,19 @@ class BlockPool:
         """Drop every block and slab (all references are gone)."""
         self.slabs, self.refs, self.free = [], [], OrderedDict()
         self._shape = None
+        if self.spec.is_exact:  # the dtype is fixed again by the next first write, as at creation
+            self.spec = self._given_spec
 
     # --- content -----------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> Slab:
         """``x`` (batch, kv_heads, n, head_dim), n whole blocks, in this pool's format as (batch * n /
         block_size, kv_heads, block_size, ...) blocks, row by row; widens the pool when needed."""
-        if self.spec is None:
-            if self._shape is not None and self._shape[3] != torch.promote_types(self._shape[3], x.dtype):
-                self._widen_exact(torch.promote_types(self._shape[3], x.dtype))
-            if self._shape is not None:
-                x = x.to(self._shape[3])
+        if self.spec.is_exact:
+            held = self.spec.dtype
+            if held is not None and held != torch.promote_types(held, x.dtype):
+                self._widen_exact(torch.promote_types(held, x.dtype))
+            if self.spec.dtype is not None:
+                x = x.to(self.spec.dtype)
             encoded: Slab = ExactTensor(x)
         else:
             encoded = PackedTensor.from_float(x, self.spec)
@@ -206,7 +206,7 @@ class BlockPool:
 
     def _widen(self, encoded: PackedTensor) -> None:
         """Switch to the (float32) metadata of ``encoded``, whose own metadata overflowed this spec."""
-        assert self.spec is not None
+        assert not self.spec.is_exact
         old, new = self.spec, encoded.spec
         warnings.warn(
             f"{self.name}: K/V metadata (scales, zero points, outlier values) of magnitude up to "
@@ -221,8 +221,7 @@ class BlockPool:
         self.slabs = [slab.with_metadata_of(new) for slab in self.slabs]
 
     def _widen_exact(self, dtype: torch.dtype) -> None:
-        heads, head_dim, device, _ = self._shape
-        self._shape = (heads, head_dim, device, dtype)
+        self.spec = ExactSpec(dtype)
         self.slabs = [ExactTensor(slab.values.to(dtype)) for slab in self.slabs]
 
 

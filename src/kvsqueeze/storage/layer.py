@@ -1,10 +1,21 @@
-"""`LayerStore`: everything one attention layer keeps — exact sinks, packed history, exact window.
+"""`LayerStore`: everything one attention layer keeps — exact sinks, placed tokens, exact window.
 
-Token order along the sequence: ``[sinks | packed history | residual window | pending]``. The
-policy decides, per update, how many incoming tokens join the sinks and how many whole blocks leave
-the residual window for the packed pages.
+Parts: ``[sinks | placed tokens | residual window | pending]``. `SinkWindowPolicy` decides, per
+update, how many incoming tokens join the sinks and how many whole blocks leave the residual window
+(a `Staging`); the placement strategy decides where those go:
 
-Rollback (`crop`, for assisted/speculative decoding): while recording the past
+* `placement.SequencePlacement` (no token policy): one packed history in sequence order, on block
+  pools (shareable through a `KVPool`);
+* `policy_placement.PolicyPlacement` (``CacheConfig.tokens``): precision classes (exact, high, low)
+  or eviction, by roles and importance; tokens of a step wait in ``pending`` until the attention has
+  read them (`commit`: an attention scorer observes the queries first).
+
+Both packed kinds take the layer's page transforms (rotation, pre-RoPE keys); exact parts are
+stored untransformed, in the store's exact dtype (`set_exact_dtype`). Readers use one interface:
+`segments` (held tokens, read in place) and `restore_` (undo a transform on a dequantized part).
+``num_seen`` counts every token stored (positions), ``num_tokens`` those held (fewer after eviction).
+
+Rollback (`crop`, for assisted/speculative decoding; the plain strategy only): while recording the past
 (`record_past`, set by transformers' ``Cache.activate_past_recording``), new tokens wait exact in
 ``pending`` until they are accepted: `settle` (called before the next read, and after a `crop`)
 passes them through the policy as an ordinary append. A rejected token therefore never reaches a
@@ -22,14 +33,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import CacheConfig
+from ..config import CacheConfig, exact_storage_dtype
+from ..policies.classes import Precision
+from ..policies.plan import Counts
 from ..policies.window import SinkWindowPolicy, TokenPlan
 from ..quant.exact import ExactTensor
-from ..quant.paged import PagedPart
 from .block_pool import BlockPool
-from .exact_buffer import ExactBuffer
+from .exact_buffer import ExactBuffer, ExactChunks
 from .pages import Page, PagedStore, SegmentTuple
-from .row_sinks import RowSinks
+from .placement import SequencePlacement
+from .policy_placement import PolicyPlacement
+from .row_sinks import RowSinks, RowSinkView
+from .staging import Staging
+from .token_class import ExactClass, PackedClass
 from .transform import PageTransform
 
 
@@ -52,8 +68,10 @@ class DraftReads:
 class LayerStore:
     """Keys and values of one layer, shape (batch, kv_heads, tokens, head_dim) each.
 
-    ``pools``: the (keys, values) block pools of a shared `prefix_cache.KVPool`; None: pools of
-    its own."""
+    ``config``: the layer's config (``config.tokens`` selects the token-policy placement);
+    ``key_transform``, ``value_transform``: the page transforms of packed tokens; ``pools``: the
+    (keys, values) block pools of a shared `prefix_cache.KVPool` (plain strategy; None: pools of
+    its own)."""
 
     def __init__(
         self,
@@ -64,34 +82,86 @@ class LayerStore:
         pools: tuple[BlockPool, BlockPool] | None = None,
     ) -> None:
         self.policy = SinkWindowPolicy(config.sink_tokens, config.residual_window, config.block_size)
+        self.tokens = config.tokens
+        transforms = (key_transform, value_transform)
+        self.placement: SequencePlacement | PolicyPlacement = (
+            SequencePlacement(config, transforms, name, pools)
+            if config.tokens is None
+            else PolicyPlacement(config, transforms, name)
+        )
         self.sink_k, self.sink_v = ExactBuffer(config.sink_tokens), ExactBuffer(config.sink_tokens)
         # the window holds exactly its tokens (a reallocation of at most one window per step), so the
         # bytes held are a function of the token count alone, short sequences included
-        window_capacity = max(config.residual_window, config.block_size)
-        self.window_k, self.window_v = (
-            ExactBuffer(window_capacity, step=1),
-            ExactBuffer(window_capacity, step=1),
-        )
-        b, page = config.block_size, config.page_tokens
-        pool_k, pool_v = pools or (None, None)  # None: the store's own pools
-        self.packed_k = PagedStore(config.key, b, page, key_transform, f"{name} keys", pool_k)
-        self.packed_v = PagedStore(config.value, b, page, value_transform, f"{name} values", pool_v)
-        # tokens not yet accepted while recording the past (empty otherwise)
+        self.window = Staging(max(config.residual_window, config.block_size), f"{name} window")
+        # tokens not yet placed: not yet accepted while recording the past, or (token policies) not
+        # yet read by the attention
         self.pending_k, self.pending_v = ExactBuffer(None, step=16), ExactBuffer(None, step=16)
         self.record_past = False
         self.name = name
+        self.exact_dtype_choice = config.exact_dtype  # CacheConfig.exact_dtype, see `exact_dtype_for`
         self.exact_dtype: torch.dtype | None = None  # None: the dtype of the incoming tokens
         self.row_sinks = RowSinks(config.sink_tokens)  # each row's first real tokens, if padded
         self._planned: tuple[tuple[int, int, int], TokenPlan] | None = None  # `_plan`'s memo
+        preferred = self.placement.preferred_dtype
+        self.set_exact_dtype(None if preferred is None else getattr(torch, preferred))
+
+    # --- sizes and views of the strategy -------------------------------------------------------------
+    @property
+    def window_k(self) -> ExactBuffer:
+        return self.window.key
+
+    @property
+    def window_v(self) -> ExactBuffer:
+        return self.window.value
+
+    @property
+    def packed_k(self) -> PagedStore | ExactChunks:
+        """The packed history's keys (plain strategy; the low class of a token policy)."""
+        return self.placement.history.pages_k
+
+    @property
+    def packed_v(self) -> PagedStore | ExactChunks:
+        return self.placement.history.pages_v
+
+    @property
+    def classes(self) -> dict[Precision, PackedClass | ExactClass]:
+        """The stores of the placed tokens by precision class (plain: the history is ``LOW``)."""
+        return self.placement.classes
+
+    @property
+    def counts(self) -> Counts:
+        """Tokens decided so far per row by the token policy, per budgeted class."""
+        return self.placement.counts
+
+    @property
+    def roles(self) -> torch.Tensor | None:
+        return self.placement.roles
+
+    def set_roles(self, roles: torch.Tensor) -> None:
+        """Token roles (batch, tokens) int8 (`policies.Role`) of the prompt; ValueError without a
+        token policy."""
+        self.placement.set_roles(roles)
+
+    @property
+    def positional(self) -> bool:
+        """Whether stored column ``c`` is token ``c`` (plain strategy): what rollback (`crop`) and the
+        row sinks of left-padded batches need; token policies move and drop tokens."""
+        return self.placement.positional
 
     @property
     def num_tokens(self) -> int:
+        """Tokens held (pending ones included)."""
         return (
             self.sink_k.num_tokens
-            + self.packed_k.num_tokens
-            + self.window_k.num_tokens
+            + self.placement.num_tokens
+            + self.window.num_tokens
             + self.pending_k.num_tokens
         )
+
+    @property
+    def num_seen(self) -> int:
+        """Tokens ever stored (positions): `num_tokens` plus the evicted ones."""
+        return self.num_tokens + self.placement.num_evicted
 
     @property
     def batch_size(self) -> int:
@@ -99,26 +169,29 @@ class LayerStore:
         for buf in (self.sink_k, self.window_k, self.pending_k):
             if buf.data is not None:
                 return buf.data.shape[0]
-        return self.packed_k.tables.batch_size
+        return self.placement.batch_size
 
-    def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store new tokens ``key``, ``value`` (batch, kv_heads, n, head_dim); while recording the
-        past they wait in ``pending`` until `settle`."""
-        key, value = self._to_exact(key), self._to_exact(value)
-        self.row_sinks.append(key, value, self.num_tokens)
-        if self.record_past:
-            self.pending_k.append(key)
-            self.pending_v.append(value)
-            return
-        self._place(key, value)
+    # --- exact dtype ---------------------------------------------------------------------------------
+    def exact_dtype_for(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The exact dtype of this store in a model computing in ``model_dtype``: ``CacheConfig.exact_dtype``
+        ("auto" takes the token policy's ``exact_dtype`` when it names one, else 16 bits for a float32
+        model when the strategy quantizes or evicts: a cache that keeps everything exact keeps the
+        model's dtype and reproduces DynamicCache)."""
+        choice = self.exact_dtype_choice
+        if choice == "auto" and self.placement.preferred_dtype is not None:
+            choice = self.placement.preferred_dtype
+        return exact_storage_dtype(choice, model_dtype, self.placement.lossy)
 
     def set_exact_dtype(self, dtype: torch.dtype | None) -> None:
         """Store every token in ``dtype`` from now on (``CacheConfig.exact_dtype``: float16 for a
         float32 model); tokens are rounded to it before they are stored or quantized, so the packed
-        blocks do not depend on whether a token passed through the window."""
+        blocks do not depend on whether a token passed through the window. Held exact tokens are
+        converted (frozen chunks of an exact class keep theirs)."""
         self.exact_dtype = dtype
-        for buf in (self.sink_k, self.sink_v, self.window_k, self.window_v, self.pending_k, self.pending_v):
+        for buf in (self.sink_k, self.sink_v, self.pending_k, self.pending_v):
             buf.set_dtype(dtype)
+        self.window.set_dtype(dtype)
+        self.placement.set_dtype(dtype)
 
     def _to_exact(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact_dtype is None or x.dtype == self.exact_dtype:
@@ -135,8 +208,39 @@ class LayerStore:
             return x
         return x.to(self.exact_dtype)
 
+    # --- writing -------------------------------------------------------------------------------------
+    def observe_positions(self, position_ids: torch.Tensor | None) -> None:
+        """Note each row's first real token from the ``position_ids`` (batch, n) of the next tokens
+        (left-padded batches, `RowSinks`)."""
+        self.row_sinks.observe(position_ids, self.num_tokens)
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store new tokens ``key``, ``value`` (batch, kv_heads, n, head_dim), rounded to the exact
+        dtype. They are placed now, or wait in ``pending`` for `settle`: while recording the past
+        (until accepted), and with a token policy (until the attention has read them, `commit`)."""
+        key, value = self._to_exact(key), self._to_exact(value)
+        self.row_sinks.append(key, value, self.num_tokens)
+        if self.record_past or self.placement.defers:
+            self.pending_k.append(key)
+            self.pending_v.append(value)
+            self.placement.stashed(key)
+            return
+        self._place(key, value)
+
+    def commit(self, query: torch.Tensor | None = None, scaling: float = 1.0) -> None:
+        """Called once the attention has read this step's parts (`AttentionParts.finish`, or right
+        after the reference read without ``query``): a token policy's attention scorer observes
+        ``query`` (batch, q_heads, n, head_dim), the new tokens' queries, then the new tokens are
+        placed. A no-op for the plain strategy (placed by `append`, or waiting for `crop`)."""
+        if not self.placement.defers or self.record_past:
+            return
+        new = self.pending_k.view()
+        if query is not None and new is not None:
+            self.placement.observe(query, self.sink_k.view(), self.window_k.view(), new, scaling)
+        self.settle()
+
     def settle(self) -> None:
-        """Accept the pending tokens: place them as an ordinary append would (a no-op when none)."""
+        """Place the pending tokens as an ordinary append would (a no-op when none)."""
         pending_k, pending_v = self.pending_k.view(), self.pending_v.view()
         if pending_k is None:
             return
@@ -144,12 +248,26 @@ class LayerStore:
         self.pending_v.clear()
         self._place(pending_k, pending_v)
 
+    def _place(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        plan = self._plan(key.shape[-2])
+        s = plan.to_sinks
+        if s:
+            self.placement.took_sinks(self.window.num_tokens, s)
+            self.sink_k.append(key[:, :, :s])
+            self.sink_v.append(value[:, :, :s])
+        first = self.num_seen - self.window.num_tokens  # seen position of the oldest window token
+        leaving = self.window.push((key[:, :, s:], value[:, :, s:]), plan.to_quantize)
+        if leaving is not None:
+            self.placement.place(leaving[0], leaving[1], first)
+
+    # --- reading -------------------------------------------------------------------------------------
     def draft_reads(self, key: torch.Tensor, value: torch.Tensor, chunk: int) -> DraftReads | None:
         """What plain decoding reads quantized among the tokens this store still holds exact, for a
         forward of new tokens ``key``, ``value`` (batch, kv_heads, n, head_dim) whose first ``chunk``
         tokens are read as one chunk (a prompt: they see the store as it is) and the rest one by one
         (drafts under verification: query i sees the store after ``i`` more tokens). None when no
-        block would be flushed before the last query. Call after `settle`, before `append`."""
+        block would be flushed before the last query. Call after `settle`, before `append` (plain
+        strategy: assisted decoding records the past)."""
         n, held = key.shape[-2], self.num_tokens
         base = self.packed_tokens_for(held)
         counts = [0 if i < chunk else self.packed_tokens_for(held + i) - base for i in range(n)]
@@ -172,60 +290,70 @@ class LayerStore:
         )
 
     def segments(self, key: torch.Tensor, value: torch.Tensor) -> list[SegmentTuple]:
-        """The held tokens for a read over the new ``key``, ``value`` (batch, kv_heads, n, head_dim),
-        in sequence order ``[sinks | packed history | residual window]`` as (keys, values,
-        num_tokens), read in place: sinks and blocks are only ever written past what is returned, and
+        """The held tokens for a read over the new ``key``, ``value`` (batch, kv_heads, n, head_dim), as
+        (keys, values, num_tokens): ``[sinks | placed tokens | residual window]`` (plain: the packed
+        history in sequence order; token policies: every class, in any order since keys are read
+        post-RoPE). Read in place: sinks and blocks are only ever written past what is returned, and
         the window is cloned (at most ``residual_window`` tokens) when appending these tokens rewrites
-        it. Call after `settle`, before `append` of the same tokens (which reuses this plan)."""
+        it before the attention reads. Call after `settle`, before `append` of the same tokens (which
+        reuses this plan); pending tokens are not part of it."""
         out: list[SegmentTuple] = []
         if self.sink_k.num_tokens:
             out.append(
                 (ExactTensor(self.sink_k.view()), ExactTensor(self.sink_v.view()), self.sink_k.num_tokens)
             )
-        packed_k = self.packed_k.part()
-        if packed_k is not None:
-            out.append((packed_k, self.packed_v.part(), packed_k.num_tokens))
+        out += self.placement.segments()
         window_k, window_v = self.window_k.view(), self.window_v.view()
         if window_k is not None:
-            if self._plan(key.shape[-2]).to_quantize:  # the append rewrites the window buffer in place
+            rewrites = not self.placement.defers and self._plan(key.shape[-2]).to_quantize
+            if rewrites:  # the append rewrites the window buffer in place
                 window_k, window_v = window_k.clone(), window_v.clone()
             out.append((ExactTensor(window_k), ExactTensor(window_v), window_k.shape[-2]))
         return out
 
+    def row_sink_view(self) -> RowSinkView | None:
+        """The exact first real tokens of left-padded rows, for a read before the next `append` (None
+        while no row is padded); readers put them back over their quantized columns."""
+        return self.row_sinks.view(self.num_tokens)
+
     def restore_(self, part: Page, index: int, out: torch.Tensor) -> torch.Tensor:
         """In place: undo the page transform (pre-RoPE, rotation) of the keys (``index`` 0) or values (1)
-        on ``out``, ``part`` of `segments` dequantized; only the packed history is transformed."""
-        if isinstance(part, PagedPart):
-            (self.packed_k, self.packed_v)[index].restore_(out, 0)
+        on ``out``, ``part`` of `segments` dequantized; only packed blocks are transformed."""
+        self.placement.restore_(part, index, out)
         return out
 
     def _plan(self, n: int) -> TokenPlan:
         """The policy's plan for appending ``n`` tokens to the held ones (computed once per step)."""
-        args = (self.sink_k.num_tokens, self.window_k.num_tokens, n)
+        args = (self.sink_k.num_tokens, self.window.num_tokens, n)
         if self._planned is None or self._planned[0] != args:
             self._planned = (args, self.policy.plan(*args))
         return self._planned[1]
 
     def packed_tokens_for(self, num_tokens: int) -> int:
-        """Tokens the packed history holds after ``num_tokens`` tokens were appended, in any chunks."""
+        """Tokens that left the window after ``num_tokens`` tokens were appended, in any chunks."""
         plan = self.policy.plan(0, 0, num_tokens)
         return plan.to_quantize
 
+    # --- rollback (plain strategy) -------------------------------------------------------------------
     def check_crop(self, num_remove: int) -> None:
         """Raise ValueError when removing the newest ``num_remove`` tokens cannot leave the state of a
         store that never saw them: a packed block holds one of them, or was flushed because of them
-        (only a store recording the past, `record_past`, can roll back every step exactly)."""
+        (only a store recording the past, `record_past`, can roll back every step exactly), or the
+        store places tokens by a token policy (not `positional`)."""
         if not 0 <= num_remove <= self.num_tokens:
             raise ValueError(f"crop: {num_remove} tokens to remove; allowed: 0 to {self.num_tokens}")
+        if num_remove and not self.positional:
+            raise ValueError(f"crop: {num_remove} tokens of {self.name}, whose token policy cannot roll back")
         rest = num_remove - min(num_remove, self.pending_k.num_tokens)
         if not rest:
             return
-        removable = self.window_k.num_tokens + (0 if self.packed_k.num_tokens else self.sink_k.num_tokens)
+        packed = self.placement.num_tokens
+        removable = self.window.num_tokens + (0 if packed else self.sink_k.num_tokens)
         kept = self.num_tokens - num_remove
-        if rest > removable or self.packed_tokens_for(kept) != self.packed_k.num_tokens:
+        if rest > removable or self.packed_tokens_for(kept) != packed:
             raise ValueError(
                 f"crop: removing {num_remove} tokens reaches tokens already quantized into packed blocks "
-                f"({self.packed_k.num_tokens} packed, {self.window_k.num_tokens} in the residual window); "
+                f"({packed} packed, {self.window.num_tokens} in the residual window); "
                 "call cache.activate_past_recording() before the forward whose tokens may be rejected "
                 "(transformers' assisted decoding does)"
             )
@@ -238,76 +366,59 @@ class LayerStore:
         self.pending_k.truncate(from_pending)
         self.pending_v.truncate(from_pending)
         rest = num_remove - from_pending
-        from_window = min(rest, self.window_k.num_tokens)
-        self.window_k.truncate(from_window)
-        self.window_v.truncate(from_window)
+        from_window = min(rest, self.window.num_tokens)
+        self.window.truncate(from_window)
         self.sink_k.truncate(rest - from_window)
         self.sink_v.truncate(rest - from_window)
         self.settle()
 
-    def _place(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        plan = self._plan(key.shape[-2])
-        s = plan.to_sinks
-        if s:
-            self.sink_k.append(key[:, :, :s])
-            self.sink_v.append(value[:, :, :s])
-        for window, packed, new in (
-            (self.window_k, self.packed_k, key),
-            (self.window_v, self.packed_v, value),
-        ):
-            new = new[:, :, s:]
-            if plan.to_quantize == 0:
-                window.append(new)
-                continue
-            held = window.view()
-            pending = new if held is None else torch.cat([held, new], dim=-2)
-            packed.append(pending[:, :, : plan.to_quantize])
-            window.assign(pending[:, :, plan.to_quantize :])
-
+    # --- bookkeeping ---------------------------------------------------------------------------------
     def token_counts(self) -> dict[str, int]:
-        """Tokens held, by part: ``sinks``, ``window`` (pending tokens included), and ``packed``, or
-        ``exact blocks`` when the blocks hold exact values (preset ``none``)."""
-        exact = self.packed_k.spec is None and self.packed_v.spec is None
+        """Tokens held, by part: ``sinks``, ``window`` (pending tokens included), and the strategy's:
+        ``packed`` (or ``exact blocks`` when the blocks hold exact values, preset ``none``), or one
+        entry per precision class (``exact``, ``high``, ``low``) and ``evicted`` (seen, no longer held)."""
         return {
             "sinks": self.sink_k.num_tokens,
-            "exact blocks" if exact else "packed": self.packed_k.num_tokens,
-            "window": self.window_k.num_tokens + self.pending_k.num_tokens,
+            **self.placement.token_counts(self.num_seen - self.num_tokens),
+            "window": self.window.num_tokens + self.pending_k.num_tokens,
         }
 
     def parts(self) -> dict[str, int]:
-        """Bytes held, by part."""
+        """Bytes held, by part: ``sinks`` (row sinks included), the strategy's (``packed_keys``,
+        ``packed_values``, ``block_tables``; or per class ``<class>_keys``, ``<class>_values`` and
+        ``<class>_staging``), and ``residual`` (the window and the pending tokens)."""
         return {
             "sinks": self.sink_k.nbytes + self.sink_v.nbytes + self.row_sinks.nbytes,
-            "packed_keys": self.packed_k.block_nbytes,
-            "packed_values": self.packed_v.block_nbytes,
-            "block_tables": self.packed_k.tables.nbytes + self.packed_v.tables.nbytes,
-            "residual": self.window_k.nbytes
-            + self.window_v.nbytes
-            + self.pending_k.nbytes
-            + self.pending_v.nbytes,
+            **self.placement.parts(),
+            "residual": self.window.nbytes + self.pending_k.nbytes + self.pending_v.nbytes,
         }
 
     @property
     def nbytes(self) -> int:
         return sum(self.parts().values())
 
+    def constants(self) -> list[torch.Tensor]:
+        """Tensors the page transforms hold (rotation, RoPE frequencies), possibly shared with other
+        stores: a cache counts them once."""
+        return self.placement.constants()
+
     def buffers(self) -> list:
         return [
             self.sink_k,
             self.sink_v,
-            self.window_k,
-            self.window_v,
+            *self.window.buffers(),
             self.pending_k,
             self.pending_v,
-            self.packed_k,
-            self.packed_v,
+            *self.placement.buffers(),
             self.row_sinks,
         ]
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        for buf in self.buffers():
+        for buf in (self.sink_k, self.sink_v, self.window, self.pending_k, self.pending_v, self.row_sinks):
             buf.map_batch(fn)
+        self.placement.map_batch(fn)
 
     def clear(self) -> None:
-        for buf in self.buffers():
+        for buf in (self.sink_k, self.sink_v, self.window, self.pending_k, self.pending_v, self.row_sinks):
             buf.clear()
+        self.placement.clear()

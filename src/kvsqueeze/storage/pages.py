@@ -3,7 +3,10 @@
 Each row of the batch holds its own blocks (`BlockTables`); the pool's blocks have no batch
 dimension. Tokens are appended in whole blocks, quantized once and never touched again; appending
 costs O(new tokens) and never copies what is already stored. An optional `PageTransform`
-(pre-RoPE, rotation) is applied before quantization; the readers undo it with `restore_`.
+(pre-RoPE, rotation) is applied to packed (not exact) blocks before quantization; the readers undo
+it with `restore_`. Pre-RoPE keys need each token's position: contiguous from the store's first
+token (the packed history of a plain store, ``start``), or given per token (``positions``: the
+classes of a token policy, whose tokens are not contiguous).
 
 The pool is the store's own (default: it holds exactly the blocks of this store's rows, freed ones
 included until reused) or shared with other stores (``pool=``; `nbytes` then counts the distinct
@@ -18,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ..kernels.dequantize import dequantize_into
-from ..quant.exact import ExactTensor
+from ..quant.exact import ExactSpec, ExactTensor, storage_spec
 from ..quant.packed import PackedTensor
 from ..quant.paged import PagedPart
 from ..quant.spec import QuantSpec
@@ -34,13 +37,13 @@ SegmentTuple = tuple[Page, Page, int]
 class PagedStore:
     """Packed history of one tensor kind of one layer, shape (batch, kv_heads, num_tokens, head_dim).
 
-    ``name`` (e.g. ``"layer 3 keys"``) labels the pool's metadata-overflow warning; ``page_tokens``
+    ``spec``: the blocks' format, a `QuantSpec` or an `ExactSpec` (None: ``ExactSpec()``). ``name`` (e.g. ``"layer 3 keys"``) labels the pool's metadata-overflow warning; ``page_tokens``
     sets the pool's slab size (``page_tokens / block_size`` blocks per slab).
     """
 
     def __init__(
         self,
-        spec: QuantSpec | None,
+        spec: QuantSpec | ExactSpec | None,
         block_size: int,
         page_tokens: int,
         transform: PageTransform | None = None,
@@ -48,24 +51,32 @@ class PagedStore:
         pool: BlockPool | None = None,
     ) -> None:
         self.owns_pool = pool is None
+        spec = storage_spec(spec)
         self.pool = pool or BlockPool(spec, block_size, max(1, page_tokens // block_size), name=name)
         self.block_size = block_size
         self.name = name
-        self.transform = None if transform is None or transform.is_identity or spec is None else transform
+        exact = spec.is_exact  # exact blocks are stored untransformed
+        self.transform = None if transform is None or transform.is_identity or exact else transform
         self.tables = BlockTables()
 
     @property
-    def spec(self) -> QuantSpec | None:
+    def spec(self) -> QuantSpec | ExactSpec:
         return self.pool.spec
+
+    @property
+    def is_exact(self) -> bool:
+        """Whether the blocks hold exact values (an `ExactSpec`)."""
+        return self.pool.spec.is_exact
 
     @property
     def num_tokens(self) -> int:
         return self.tables.num_blocks * self.block_size
 
-    def append(self, x: torch.Tensor) -> None:
-        """Quantize and store ``x`` (batch, kv_heads, n, head_dim), n a whole number of blocks."""
+    def append(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Quantize and store ``x`` (batch, kv_heads, n, head_dim), n a whole number of blocks, at
+        ``positions`` (batch, kv_heads, n) int (None: contiguous after the stored tokens)."""
         if self.transform is not None:
-            x = self.transform.encode(x, self.num_tokens)
+            x = self.transform.encode(x, self.num_tokens if positions is None else positions)
         blocks = self.pool.encode(x)
         b, nb = x.shape[0], x.shape[-2] // self.block_size
         ids = self.pool.allocate(b * nb, like=x)
@@ -84,7 +95,7 @@ class PagedStore:
         decoding's verification reads for tokens plain decoding would already have quantized."""
         if self.transform is not None:
             x = self.transform.encode(x, self.num_tokens)
-        encoded = ExactTensor(x) if self.spec is None else PackedTensor.from_float(x, self.spec)
+        encoded = ExactTensor(x) if self.is_exact else PackedTensor.from_float(x, self.spec)
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
         dequantize_into(encoded, out)
         return self.restore_(out, self.num_tokens)
@@ -99,16 +110,18 @@ class PagedStore:
         part = self.part()
         return [] if part is None else [part]
 
-    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
-        """Write all stored tokens, dequantized, into ``out`` (batch, kv_heads, num_tokens, head_dim)."""
+    def dequantize_into(self, out: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Write all stored tokens, dequantized, into ``out`` (batch, kv_heads, num_tokens, head_dim);
+        ``positions`` as given to `append` (None: contiguous)."""
         part = self.part()
         if part is not None:
             dequantize_into(part, out)
-        return self.restore_(out, 0)
+        return self.restore_(out, 0 if positions is None else positions)
 
-    def restore_(self, out: torch.Tensor, start: int) -> torch.Tensor:
-        """In place: undo the transform on dequantized stored tokens ``start ..`` held in ``out``
-        (batch, kv_heads, n, head_dim); a no-op without a transform."""
+    def restore_(self, out: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """In place: undo the transform on dequantized stored tokens held in ``out`` (batch, kv_heads,
+        n, head_dim): tokens ``start ..`` of this store, or at ``start`` (batch, kv_heads, n) int
+        positions; a no-op without a transform."""
         return out if self.transform is None else self.transform.decode_(out, start)
 
     @property

@@ -10,8 +10,9 @@ path hands attention ordinary post-RoPE keys and values: ``Q @ Q.T == I`` and Ro
 so attention is unchanged up to the quantization error. Exact tokens (sinks, residual window, new
 tokens) never pass through a transform.
 
-Positions are cache indices: packed token ``j`` sits at ``position_offset + j`` (the sinks come
-first). For left-padded batches this differs from the model's position ids by the padding, which
+Positions are cache indices: packed token ``j`` of a plain store sits at ``position_offset + j``
+(the sinks come first); the classes of a token policy give each token's position instead (a
+(batch, kv_heads, n) tensor, their tokens are not contiguous). For left-padded batches this differs from the model's position ids by the padding, which
 only shifts the pre-RoPE domain of those rows: decode still inverts encode exactly.
 """
 
@@ -45,21 +46,26 @@ class PageTransform:
             t for t in (self.rotation, None if self.rope is None else self.rope.inv_freq) if t is not None
         ]
 
-    def encode(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """``x`` (batch, kv_heads, n, head_dim), packed tokens ``start .. start + n - 1``, transformed."""
+    def encode(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """``x`` (batch, kv_heads, n, head_dim), packed tokens ``start .. start + n - 1`` (or at the
+        cache positions ``start`` (batch, kv_heads, n) int), transformed."""
         if self.rope is not None:
-            x = self.rope.apply(x, self.position_offset + start, inverse=True)
+            x = self.rope.apply(x, self._positions(start), inverse=True)
         if self.rotation is not None:
             x = rotate(x, self.rotation)
         return x
 
-    def decode_(self, x: torch.Tensor, start: int) -> torch.Tensor:
+    def decode_(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """In place: the inverse of `encode` on dequantized ``x`` (batch, kv_heads, n, head_dim)."""
         if self.rotation is not None:
             unrotate_(x, self.rotation)
         if self.rope is not None:
-            x.copy_(self.rope.apply(x, self.position_offset + start))
+            x.copy_(self.rope.apply(x, self._positions(start)))
         return x
+
+    def _positions(self, start: int | torch.Tensor) -> int | torch.Tensor:
+        """Cache positions: ``position_offset + start`` for a packed index, given ones as they are."""
+        return start if isinstance(start, torch.Tensor) else self.position_offset + start
 
 
 def constants_nbytes(layer_configs: list[CacheConfig], head_dim: int) -> int:
