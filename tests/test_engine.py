@@ -349,3 +349,14 @@ def test_budget_cost_equals_bytes_held(kv: str) -> None:
             assert engine.kv_cache_bytes() == engine.cost(seq.num_computed), seq.num_computed
             seen.add(seq.num_computed)
     assert len(seen) > 30
+
+
+def test_the_callers_model_is_left_as_it_was() -> None:
+    """The engine switches the model's attention for its own forwards only."""
+    model = _model()
+    engine = LLMEngine(model, tiny_tokenizer(), kv="h2o-50")
+    engine.add_request("a", _prompts()[0], GREEDY)
+    _run(engine)
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.tensor([_prompts()[1]])
+    assert torch.equal(model(ids).logits, tiny_llama()(ids).logits)

@@ -146,7 +146,8 @@ class LLMEngine:
         with warnings.catch_warnings():
             if fused is None:  # fused whenever the kernels read the format, without a warning
                 warnings.filterwarnings("ignore", message="fused: this config")
-            probe = SqueezedCache.from_model(model, kv, fused=fused is not False, pool=self.pool)
+            with self.runner.ragged():  # a token policy's attention scorer needs the kvsqueeze attention
+                probe = SqueezedCache.from_model(model, kv, fused=fused is not False, pool=self.pool)
         self.cache_config: CacheConfig = probe.cache_config
         self.prefix_digest = probe.prefix_digest
         self.kv = kv
@@ -327,7 +328,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns the requests that produced tokens or finished."""
         outputs, self.pending = self.pending, []
-        batch = self.scheduler.schedule(self._admit)
+        with self.runner.ragged():  # caches built at admission see the attention they will be read by
+            batch = self.scheduler.schedule(self._admit)
         if not batch:
             return outputs
         seqs, counts = batch.sequences, batch.num_tokens

@@ -4,11 +4,14 @@ The step's new tokens of every sequence are laid end to end in ``input_ids`` (1,
 positions in ``position_ids`` (1, T) — no padding — and the model runs with
 ``attn_implementation="kvsqueeze_ragged"`` over a `SequenceBatch` of the sequences' own caches
 (`integrations.batch_cache`). Only the logits of each sequence's last new token are computed
-(``logits_to_keep`` as indices), and only for sequences that sample after this step.
+(``logits_to_keep`` as indices), and only for sequences that sample after this step. The model's
+attention implementation is switched for the forward only (`ModelRunner.ragged`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,10 +27,24 @@ class ModelRunner:
     def __init__(self, model: Any) -> None:
         check_model(model)
         register_ragged()
-        if model.config._attn_implementation != NAME:
-            model.set_attn_implementation(NAME)
         self.model = model
         self.device = next(model.parameters()).device
+
+    @contextlib.contextmanager
+    def ragged(self) -> Iterator[None]:
+        """Within: the model's attention is ``kvsqueeze_ragged`` (its config and sub-configs); the
+        previous implementations come back after, so the caller's model is left as it was."""
+        config = self.model.config
+        saved = {"": config._attn_implementation}
+        for key in config.sub_configs:
+            sub = getattr(config, key, None)
+            if sub is not None:
+                saved[key] = sub._attn_implementation
+        config._attn_implementation = NAME
+        try:
+            yield
+        finally:
+            config._attn_implementation = saved
 
     @torch.inference_mode()
     def run(self, sequences: list[Sequence], num_tokens: list[int], sample_rows: list[int]) -> torch.Tensor:
@@ -45,9 +62,14 @@ class ModelRunner:
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
         batch = SequenceBatch([s.cache for s in sequences], num_tokens, input_ids)
         keep = torch.tensor([last[i] for i in sample_rows], dtype=torch.long, device=self.device)
-        out = self.model(
-            input_ids=input_ids, position_ids=position_ids, cache=batch, use_cache=True, logits_to_keep=keep
-        )
+        with self.ragged():
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                cache=batch,
+                use_cache=True,
+                logits_to_keep=keep,
+            )
         batch.finish()
         for seq, n in zip(sequences, num_tokens, strict=True):
             seq.num_computed += n
