@@ -360,3 +360,20 @@ def test_the_callers_model_is_left_as_it_was() -> None:
     assert model.config._attn_implementation == "sdpa"
     ids = torch.tensor([_prompts()[1]])
     assert torch.equal(model(ids).logits, tiny_llama()(ids).logits)
+
+
+def test_a_budget_too_small_for_one_sequence_is_refused_at_once() -> None:
+    for budget in ("1KiB", 5):
+        with pytest.raises(
+            ValueError, match=r"^kv_budget: .* hold \d+ tokens of one sequence .* allowed: at least"
+        ):
+            LLMEngine(_model(), tiny_tokenizer(), kv="k4v4", kv_budget=budget)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"stop": 5}, "stop"), ({"stop": [""] * 17}, "stop"), ({"stop_token_ids": 3}, "stop_token_ids")],
+)
+def test_sampling_params_name_the_field_for_wrong_types(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        SamplingParams(**kwargs)

@@ -174,6 +174,9 @@ def test_concurrent_greedy_equals_solo(kv):
 
 def test_models_lists_the_served_name(client, server):
     assert [m.id for m in client.models.list().data] == [TINY_NAME]
+    assert client.models.retrieve(TINY_NAME).id == TINY_NAME
+    missing = httpx.get(f"{server.url}/v1/models/other", timeout=WAIT)
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
     assert httpx.get(f"{server.url}/health", timeout=WAIT).json() == {"status": "ok"}
 
 
@@ -207,6 +210,7 @@ BAD = [
     ("/v1/completions", {**COMPLETION, "prompt": "x" * 1100}, "prompt", "context_length_exceeded"),
     ("/v1/completions", {**COMPLETION, "prompt": "x" * 1000, "max_tokens": 100}, "max_tokens", "context_length_exceeded"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, "messages", None),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user"}]}, "messages[0]", None),
     ("/v1/chat/completions", {**CHAT, "messages": "Hello"}, "messages", None),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", None),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 3}]}, "messages[0].content", None),

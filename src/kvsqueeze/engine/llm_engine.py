@@ -156,6 +156,11 @@ class LLMEngine:
         self._peaks = [0]
         self.budget = KVBudget(kv_budget, self.cost, self.peak, self.kv_cache_bytes)
         self.scheduler = Scheduler(self.budget, max_num_seqs, max_num_batched_tokens, self._release)
+        if kv_budget is not None and self.max_sequence_tokens() < 2:
+            raise ValueError(
+                f"kv_budget: {kv_budget} bytes hold {self.max_sequence_tokens()} tokens of one sequence in "
+                f"{kv!r}; allowed: at least {self.peak(2)} bytes (a one-token prompt and one generated token)"
+            )
         self.sequences: dict[str, Sequence] = {}
         self.pending: list[RequestOutput] = []
         self.eos_ids = self._eos_ids()

@@ -68,10 +68,16 @@ class SamplingParams:
         _number("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
             _integer("seed", self.seed, 0, 2**63 - 1)
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if any(not isinstance(s, str) or not s for s in stop) or len(stop) > 16:
-            raise ValueError(f"stop: {self.stop!r}; allowed: up to 16 non-empty strings")
-        object.__setattr__(self, "stop", stop)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if (
+            not isinstance(stop, (list, tuple))
+            or any(not isinstance(s, str) or not s for s in stop)
+            or len(stop) > 16
+        ):
+            raise ValueError(f"stop: {self.stop!r}; allowed: a string or up to 16 non-empty strings")
+        object.__setattr__(self, "stop", tuple(stop))
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids: {self.stop_token_ids!r}; allowed: a list of token ids")
         ids = tuple(self.stop_token_ids)
         for t in ids:
             _integer("stop_token_ids", t, 0)

@@ -116,6 +116,14 @@ def create_app(
         ]  # fmt: skip
         return {"object": "list", "data": data}
 
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    async def model(model_id: str) -> dict:
+        if model_id not in names:
+            raise p.APIError(404, f"model: {model_id!r} is not served; allowed: {names}", param="model",
+                             code="model_not_found")  # fmt: skip
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "kvsqueeze",
+                "max_model_len": engine.max_model_len}  # fmt: skip
+
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(request: Request) -> Response:
         return await serving.handle(request, p.CompletionRequest)

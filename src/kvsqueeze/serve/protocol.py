@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
 MAX_STOP_STRINGS = 16
@@ -146,6 +146,14 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_given(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(
+                f"content: missing for a {self.role!r} message; allowed: a string or a list of text parts"
+            )
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
