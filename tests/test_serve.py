@@ -476,3 +476,35 @@ def test_prompts_are_logged_only_when_asked(log_prompts, caplog):
     logged = [record.getMessage() for record in caplog.records if record.name == "kvsqueeze.serve"]
     assert any("prompt tokens" in line for line in logged)
     assert any(secret in line for line in logged) == log_prompts
+
+
+def test_text_prompts_are_counted_before_they_are_queued(caplog):
+    """A text prompt is tokenized by the request handler: the log gives its length, and a prompt
+    longer than the context is refused (400) before it reaches the engine's queue."""
+    with (
+        caplog.at_level(logging.INFO, logger="kvsqueeze.serve"),
+        serving(tiny_engine("k4v4")) as server,
+    ):
+        post(server, "/v1/completions", {**COMPLETION, "prompt": "abcdefg"})  # 7 characters = 7 tokens
+        refused = post(server, "/v1/completions", {**COMPLETION, "prompt": "x" * 1100})
+        empty = post(server, "/v1/completions", {**COMPLETION, "prompt": ""})
+    logged = [record.getMessage() for record in caplog.records if record.name == "kvsqueeze.serve"]
+    assert any(": 7 prompt tokens" in line for line in logged)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"
+    assert "1100 prompt tokens" in refused.json()["error"]["message"]
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
+
+
+@pytest.mark.parametrize("budget", [None, 2**17])
+def test_models_report_the_longest_sequence_the_budget_holds(budget):
+    engine = tiny_engine("k4v4", kv_budget=budget)
+    room = min(engine.max_model_len, engine.max_sequence_tokens())
+    assert (room < engine.max_model_len) == (budget is not None)
+    with serving(engine) as server:
+        listed = httpx.get(f"{server.url}/v1/models").json()["data"][0]
+        one = httpx.get(f"{server.url}/v1/models/{TINY_NAME}").json()
+        too_long = post(server, "/v1/completions", {**COMPLETION, "prompt": "y" * room})
+    assert listed["max_model_len"] == one["max_model_len"] == room
+    assert too_long.status_code == 400
+    message = too_long.json()["error"]["message"]
+    assert ("KV budget" in message) == (budget is not None), message

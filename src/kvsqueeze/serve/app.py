@@ -64,7 +64,16 @@ def create_app(
     app.state.async_engine = async_engine
     app.state.metrics = metrics
     created = int(time.time())
-    serving = _Serving(engine, async_engine, names, log_prompts, max_body_bytes)
+    # the longest sequence (prompt + output) one request can have: the model's context, or less when
+    # the KV budget holds fewer tokens of this format for one sequence (computed here, once: the
+    # engine thread owns the engine's memos)
+    max_model_len = min(engine.max_model_len, engine.max_sequence_tokens())
+    context = (
+        f"the model's context of {max_model_len} tokens"
+        if max_model_len == engine.max_model_len
+        else f"the {max_model_len} tokens the KV budget holds for one sequence"
+    )
+    serving = _Serving(engine, async_engine, names, log_prompts, max_body_bytes, max_model_len, context)
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -111,7 +120,7 @@ def create_app(
     async def models() -> dict:
         data = [
             {"id": name, "object": "model", "created": created, "owned_by": "kvsqueeze",
-             "max_model_len": engine.max_model_len}
+             "max_model_len": max_model_len}
             for name in names
         ]  # fmt: skip
         return {"object": "list", "data": data}
@@ -122,7 +131,7 @@ def create_app(
             raise p.APIError(404, f"model: {model_id!r} is not served; allowed: {names}", param="model",
                              code="model_not_found")  # fmt: skip
         return {"id": model_id, "object": "model", "created": created, "owned_by": "kvsqueeze",
-                "max_model_len": engine.max_model_len}  # fmt: skip
+                "max_model_len": max_model_len}  # fmt: skip
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(request: Request) -> Response:
@@ -139,10 +148,18 @@ class _Serving:
     """The request path shared by both generation routes."""
 
     def __init__(
-        self, engine: Any, async_engine: AsyncEngine, names: list[str], log_prompts: bool, max_body: int
+        self,
+        engine: Any,
+        async_engine: AsyncEngine,
+        names: list[str],
+        log_prompts: bool,
+        max_body: int,
+        max_model_len: int,
+        context: str,
     ):
         self.engine, self.async_engine, self.names = engine, async_engine, names
         self.log_prompts, self.max_body = log_prompts, max_body
+        self.max_model_len, self.context = max_model_len, context
 
     async def handle(self, request: Request, cls: type) -> Response:
         req = p.parse_request(await self._body(request), cls)
@@ -152,13 +169,12 @@ class _Serving:
                 param="model", code="model_not_found",
             )  # fmt: skip
         chat = cls is p.ChatCompletionRequest
-        prompt, num_prompt = self._prompt(req, chat)
+        # tokenized off the event loop (a long prompt takes a while); the body size is already bounded
+        prompt, num_prompt = await asyncio.to_thread(self._prompt, req, chat)
         params = self._params(req, chat, num_prompt)
         envelope = p.Envelope(chat=chat, model=req.model)
-        shown = f"; prompt {prompt!r}" if self.log_prompts else ""
-        log.info(
-            "%s: %s prompt tokens, max_tokens %d%s", envelope.id, num_prompt or "?", params.max_tokens, shown
-        )
+        shown = f"; prompt {req.chat() if chat else req.single_prompt()!r}" if self.log_prompts else ""
+        log.info("%s: %d prompt tokens, max_tokens %d%s", envelope.id, num_prompt, params.max_tokens, shown)
         stream = await self._add(envelope.id, prompt, params, prompt_field="messages" if chat else "prompt")
         if req.stream:
             return StreamingResponse(
@@ -183,14 +199,18 @@ class _Serving:
     def _too_large(self) -> p.APIError:
         return p.APIError(413, f"the body is larger than {self.max_body:,} bytes", code="request_too_large")
 
-    def _prompt(self, req: Any, chat: bool) -> tuple[str | list[int], int | None]:
-        """The engine's prompt (token ids for chat, through the chat template) and its length when known.
-        The engine thread uses the tokenizer meanwhile: encoding without truncation or padding only
-        reads the Rust tokenizer's state, so both may run at once."""
+    def _prompt(self, req: Any, chat: bool) -> tuple[list[int], int]:
+        """The engine's prompt as token ids (text through the engine's tokenizer, chat through the chat
+        template) and its length. The engine thread uses the tokenizer meanwhile: encoding without
+        truncation or padding only reads the Rust tokenizer's state, so both may run at once. Raises
+        APIError 400 naming ``prompt`` (empty, ids outside the vocabulary) or ``messages``."""
         tokenizer = self.engine.tokenizer
         if not chat:
-            prompt = req.single_prompt()
-            return prompt, (len(prompt) if isinstance(prompt, list) else None)
+            try:
+                ids = self.engine.encode(req.single_prompt())
+            except ValueError as err:
+                raise self._engine_refusal(err, "prompt") from None
+            return ids, len(ids)
         if not getattr(tokenizer, "chat_template", None):
             raise p.bad_request(
                 "messages", "this model's tokenizer has no chat template; use /v1/completions"
@@ -202,26 +222,25 @@ class _Serving:
         ids = list(tokenizer.encode(text, add_special_tokens=False))
         return ids, len(ids)
 
-    def _params(self, req: Any, chat: bool, num_prompt: int | None) -> Any:
+    def _params(self, req: Any, chat: bool, num_prompt: int) -> Any:
         from ..engine import SamplingParams
 
-        limit = self.engine.max_model_len
+        limit = self.max_model_len
         prompt_field = "messages" if chat else "prompt"
-        if num_prompt is not None and num_prompt >= limit:
+        if num_prompt >= limit:
             raise p.bad_request(
                 prompt_field,
-                f"{num_prompt} prompt tokens leave no room in the model's context of {limit} tokens; "
-                f"allowed: at most {limit - 1}",
+                f"{num_prompt} prompt tokens leave no room in {self.context}; allowed: at most {limit - 1}",
                 code="context_length_exceeded",
             )
         max_tokens = req.token_limit() if chat else req.max_tokens
         field = "max_completion_tokens" if chat and req.max_completion_tokens is not None else "max_tokens"
         if max_tokens is None:  # chat without a limit: what fits
             max_tokens = limit - num_prompt
-        elif num_prompt is not None and num_prompt + max_tokens > limit:
+        elif num_prompt + max_tokens > limit:
             raise p.bad_request(
                 field,
-                f"{max_tokens} + {num_prompt} prompt tokens exceed the model's context of {limit} tokens; "
+                f"{max_tokens} + {num_prompt} prompt tokens exceed {self.context}; "
                 f"allowed: at most {limit - num_prompt}",
                 code="context_length_exceeded",
             )
