@@ -16,6 +16,7 @@ from tiny import prompt_ids, tiny_llama, tiny_tokenizer
 
 from kvsqueeze import KVPool, SqueezedCache
 from kvsqueeze.engine import LLM, LLMEngine, SamplingParams
+from kvsqueeze.integrations.ragged_decode import DecodeReader
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -174,6 +175,16 @@ def test_a_failing_request_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(layer_type, "update", update)
+    # decode tokens may take the short path (integrations.ragged_decode), which reads the store directly
+    bad_stores = {id(layer.store) for layer in engine.sequences["1"].cache.layers}
+    inputs = DecodeReader.inputs
+
+    def failing_inputs(self, store, *args):
+        if id(store) in bad_stores:
+            raise RuntimeError("boom")
+        return inputs(self, store, *args)
+
+    monkeypatch.setattr(DecodeReader, "inputs", failing_inputs)
     outs: dict[str, list] = {}
     while engine.has_unfinished_requests():
         for o in engine.step():
@@ -377,3 +388,48 @@ def test_a_budget_too_small_for_one_sequence_is_refused_at_once() -> None:
 def test_sampling_params_name_the_field_for_wrong_types(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"^{field}: "):
         SamplingParams(**kwargs)
+
+
+class _GeneralOnly(DecodeReader):
+    """Sends every token through the general path (SqueezedLayer.update + kvsqueeze_attention)."""
+
+    def eligible(self, layer, query) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("kv", ["none", "int8", "k4v4", "k2v2", "fp8"])
+def test_decode_short_path_equals_the_general_path(kv: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode tokens read and stored by `ragged_decode.DecodeReader` give the logits of the general
+    path bit for bit (same segments, same order), in a batch whose sequences cross block and window
+    boundaries at different steps; the short path is really taken."""
+    calls = {"inputs": 0}
+    inputs = DecodeReader.inputs
+
+    def counting(self, *args):
+        calls["inputs"] += 1
+        return inputs(self, *args)
+
+    monkeypatch.setattr(DecodeReader, "inputs", counting)
+    logits: dict[bool, list[torch.Tensor]] = {}
+    for short in (True, False):
+        engine = LLMEngine(_model(), tiny_tokenizer(), kv=kv)
+        if not short:
+            engine.runner.decode_reader = _GeneralOnly()
+        runner_run = engine.runner.run
+        seen: list[torch.Tensor] = []
+
+        def run(*args, _run=runner_run, _seen=seen):
+            out = _run(*args)
+            _seen.append(out.clone())
+            return out
+
+        engine.runner.run = run
+        for i, p in enumerate(_prompts()[:4]):
+            engine.add_request(str(i), p, SamplingParams(max_tokens=80, temperature=0, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+        logits[short] = seen
+    assert len(logits[True]) == len(logits[False])
+    for a, b in zip(logits[True], logits[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert calls["inputs"] > 4 * 2 * 60  # most of the 4 x 79 decode tokens, in both layers of the tiny model

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..integrations.batch_cache import NAME, SequenceBatch, check_model, register_ragged
+from ..integrations.ragged_decode import DecodeReader
 from .sequence import Sequence
 
 
@@ -29,6 +30,7 @@ class ModelRunner:
         register_ragged()
         self.model = model
         self.device = next(model.parameters()).device
+        self.decode_reader = DecodeReader()  # decode tokens the short way (keeps the kernel's view of blocks)
 
     @contextlib.contextmanager
     def ragged(self) -> Iterator[None]:
@@ -60,7 +62,7 @@ class ModelRunner:
             last.append(len(ids) - 1)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
-        batch = SequenceBatch([s.cache for s in sequences], num_tokens, input_ids)
+        batch = SequenceBatch([s.cache for s in sequences], num_tokens, input_ids, self.decode_reader)
         keep = torch.tensor([last[i] for i in sample_rows], dtype=torch.long, device=self.device)
         with self.ragged():
             out = self.model(

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import kvsqueeze_attention
+from .attention import NO_EFFECT, kvsqueeze_attention
 from .cache import FULL_ATTENTION, SqueezedCache
 from .prefix import note_tokens, publish
+from .ragged_decode import DecodeReader
 
 NAME = "kvsqueeze_ragged"
 
@@ -104,10 +105,17 @@ class SequenceBatch(Cache):
 
     ``caches``: one `SqueezedCache` (batch 1) per sequence, in the order of their tokens in the
     flat batch; ``lengths``: new tokens per sequence (each ≥ 1); ``token_ids``: their ids, (1, T)
-    int64, followed for prefix sharing when a cache is on a shared pool. Raises ValueError when
-    they do not match."""
+    int64, followed for prefix sharing when a cache is on a shared pool; ``decode_reader``: reads and
+    stores decode tokens the short way where it can (`ragged_decode`; None: every token through the
+    general path). Raises ValueError when they do not match."""
 
-    def __init__(self, caches: list[SqueezedCache], lengths: list[int], token_ids: torch.Tensor) -> None:
+    def __init__(
+        self,
+        caches: list[SqueezedCache],
+        lengths: list[int],
+        token_ids: torch.Tensor,
+        decode_reader: DecodeReader | None = None,
+    ) -> None:
         if (
             len(caches) != len(lengths)
             or not caches
@@ -120,6 +128,7 @@ class SequenceBatch(Cache):
             )
         super().__init__(layers=[_BatchLayer() for _ in caches[0].layers])
         self.caches, self.lengths = caches, lengths
+        self.decode_reader = decode_reader
         self.starts = [0]
         for n in lengths:
             self.starts.append(self.starts[-1] + n)
@@ -169,16 +178,48 @@ def ragged_attention(
             "keys (use 'kvsqueeze' or 'sdpa' for ordinary forwards)"
         )
     batch, layer = key.batch, key.layer_idx
-    outs = []
+    reader = batch.decode_reader if not dropout and not _has_options(kwargs) else None
+    rounded: dict[torch.dtype | None, tuple[torch.Tensor, torch.Tensor] | None] = {}
+    outs: list[torch.Tensor | None] = []
+    short: list[tuple[int, Any, Any, torch.Tensor, torch.Tensor]] = []  # (slot, store, inputs, key, value)
     for cache, a, b in zip(batch.caches, batch.starts, batch.starts[1:], strict=False):
+        cache_layer = cache.layers[layer]
+        if reader is not None and b - a == 1 and reader.eligible(cache_layer, query):
+            store = cache_layer.store
+            if store.exact_dtype not in rounded:  # once per layer for the whole batch
+                states = [reader.exact_states(x.states, store.exact_dtype) for x in (key, value)]
+                rounded[store.exact_dtype] = None if states[0] is None or states[1] is None else tuple(states)
+            exact = rounded[store.exact_dtype]
+            if exact is not None:
+                inputs = reader.inputs(
+                    store, query[:, :, a:b], key.states[:, :, a:b], value.states[:, :, a:b]
+                )
+                short.append((len(outs), store, inputs, exact[0][:, :, a:b], exact[1][:, :, a:b]))
+                outs.append(None)
+                continue
         # the layer itself: the engine checked lengths and shapes when it admitted the request
-        k, v = cache.layers[layer].update(key.states[:, :, a:b], value.states[:, :, a:b])
+        k, v = cache_layer.update(key.states[:, :, a:b], value.states[:, :, a:b])
         mask = _end_aligned_mask(b - a, k.shape[-2], query.device)
         out, _ = kvsqueeze_attention(
-            module, query[:, :, a:b], k, v, mask, dropout=dropout, scaling=scaling, is_causal=True
+            module, query[:, :, a:b], k, v, mask, dropout=dropout, scaling=scaling, is_causal=True, **kwargs
         )
         outs.append(out)
+    if short:  # every decode token of the short path in one kernel call, then stored
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        results = reader.attend([s[2] for s in short], scale)
+        for (slot, store, _, k, v), out in zip(short, results, strict=True):
+            outs[slot] = out
+            reader.store(store, k, v)
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], None
+
+
+def _has_options(kwargs: dict[str, Any]) -> bool:
+    """Whether the attention call carries options beyond what plain causal attention needs (sinks,
+    softcap, indices, position bias, weights): those take the general path, which honours or refuses
+    each (`integrations.attention.attention_options`)."""
+    return any(
+        value is not None and value is not False for name, value in kwargs.items() if name not in NO_EFFECT
+    )
 
 
 def register_ragged() -> None:

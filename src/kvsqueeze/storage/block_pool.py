@@ -70,6 +70,7 @@ class BlockPool:
         self.free: OrderedDict[int, None] = OrderedDict()  # free ids, least recently freed first
         self.on_reuse: Callable[[int], None] | None = None  # called when a freed block is handed out
         self._shape: tuple[int, int, torch.device] | None = None
+        self._block_nbytes: tuple[QuantSpec | ExactSpec, tuple, int] | None = None  # `block_nbytes`' memo
 
     # --- sizes -------------------------------------------------------------------------------------
     @property
@@ -90,8 +91,13 @@ class BlockPool:
         """Bytes of one block, from the spec (0 before the first write fixes the shape)."""
         if self._shape is None:
             return 0
+        memo = self._block_nbytes
+        if memo is not None and memo[0] is self.spec and memo[1] is self._shape:
+            return memo[2]  # read for every layer of every sequence at every step (KV budget, metrics)
         heads, head_dim, _ = self._shape
-        return round(self.block_size * self.spec.bytes_per_token(heads, head_dim))
+        nbytes = round(self.block_size * self.spec.bytes_per_token(heads, head_dim))
+        self._block_nbytes = (self.spec, self._shape, nbytes)
+        return nbytes
 
     @property
     def nbytes(self) -> int:

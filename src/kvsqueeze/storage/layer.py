@@ -260,6 +260,21 @@ class LayerStore:
         if leaving is not None:
             self.placement.place(leaving[0], leaving[1], first)
 
+    def appends_to_window(self) -> bool:
+        """Whether storing one more token is a plain append to the residual window: no token policy,
+        nothing pending or recorded, no left-padded rows, the sinks full and no block leaving the window
+        (the engine's decode path, `integrations.ragged_decode`, then reads and appends directly)."""
+        if self.record_past or self.placement.defers or self.pending_k.num_tokens or self.row_sinks.active:
+            return False
+        plan = self._plan(1)
+        return plan.to_sinks == 0 and plan.to_quantize == 0
+
+    def append_to_window(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store one token ``key``, ``value`` (batch, kv_heads, 1, head_dim), already rounded to the exact
+        dtype and checked against its range, after `appends_to_window` said so."""
+        self.window.key.append(key)
+        self.window.value.append(value)
+
     # --- reading -------------------------------------------------------------------------------------
     def draft_reads(self, key: torch.Tensor, value: torch.Tensor, chunk: int) -> DraftReads | None:
         """What plain decoding reads quantized among the tokens this store still holds exact, for a

@@ -13,6 +13,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <exception>
 #include <vector>
 
 #include "decode.h"
@@ -97,10 +98,14 @@ void merge_splits(at::Tensor& out, const Problem& p, int64_t splits, const at::T
 
 }  // namespace
 
-at::Tensor fused_attention(const at::Tensor& query, const std::vector<at::Tensor>& tensors,
-                           const std::vector<int64_t>& meta, const std::vector<int64_t>& seg_tokens,
-                           const c10::optional<at::Tensor>& mask_t, double scaling, bool causal,
-                           const at::Tensor& luts, const c10::optional<at::Tensor>& sinks) {
+// max_threads: the threads the work is planned for (how many splits of the tokens); serial: run the
+// planned items on the calling thread (fused_attention_many runs several problems side by side, each
+// planned as if alone so that its sums, hence its result, are the same as in a call of its own).
+at::Tensor fused_attention_impl(const at::Tensor& query, const std::vector<at::Tensor>& tensors,
+                                const std::vector<int64_t>& meta, const std::vector<int64_t>& seg_tokens,
+                                const c10::optional<at::Tensor>& mask_t, double scaling, bool causal,
+                                const at::Tensor& luts, const c10::optional<at::Tensor>& sinks,
+                                int64_t max_threads, bool serial) {
   const int64_t nseg = static_cast<int64_t>(seg_tokens.size());
   TORCH_CHECK(nseg > 0 && static_cast<int64_t>(meta.size()) == nseg * 2 * kMetaFields, "kvsqueeze: bad meta");
   TORCH_CHECK(query.dim() == 4 && query.stride(3) == 1, "kvsqueeze: query must be (B, Hq, Lq, D)");
@@ -139,7 +144,7 @@ at::Tensor fused_attention(const at::Tensor& query, const std::vector<at::Tensor
 
   // Work items: (b, h, row block, split); split the tokens only when (b, h, row block) are too few.
   const int64_t row_blocks = (p.R + kRowBlock - 1) / kRowBlock;
-  const int64_t threads = p.B * p.Hkv * p.R * p.T < kMinParallelWork ? 1 : at::get_num_threads();
+  const int64_t threads = p.B * p.Hkv * p.R * p.T < kMinParallelWork ? 1 : max_threads;
   const int64_t base_items = p.B * p.Hkv * row_blocks;
   int64_t splits = std::max<int64_t>(1, (8 * threads + base_items - 1) / base_items);
   splits = std::min(splits, std::max<int64_t>(1, p.T / kMinSplit));
@@ -155,7 +160,7 @@ at::Tensor fused_attention(const at::Tensor& query, const std::vector<at::Tensor
     part_acc = at::empty({p.B, p.Hkv, splits, p.R, p.D}, at::kFloat);
   }
 
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(serial ? 1 : threads)
   {
     std::vector<TileDecoder> dec;
     dec.reserve(sources.size());
@@ -193,6 +198,50 @@ at::Tensor fused_attention(const at::Tensor& query, const std::vector<at::Tensor
     }
   }
   if (splits > 1) merge_splits(out, p, splits, part_m, part_l, part_acc);
+  return out;
+}
+
+at::Tensor fused_attention(const at::Tensor& query, const std::vector<at::Tensor>& tensors,
+                           const std::vector<int64_t>& meta, const std::vector<int64_t>& seg_tokens,
+                           const c10::optional<at::Tensor>& mask_t, double scaling, bool causal,
+                           const at::Tensor& luts, const c10::optional<at::Tensor>& sinks) {
+  return fused_attention_impl(query, tensors, meta, seg_tokens, mask_t, scaling, causal, luts, sinks,
+                              at::get_num_threads(), false);
+}
+
+// Several independent problems (e.g. the decode token of every sequence of a serving step, each over
+// its own segments), without masks or sinks, causal: one call instead of one per problem, the
+// problems spread over the threads (dynamic: sequences differ in length). Each is planned as a call
+// of its own would plan it, so each result equals fused_attention's to the bit.
+std::vector<at::Tensor> fused_attention_many(const std::vector<at::Tensor>& queries,
+                                             const std::vector<std::vector<at::Tensor>>& tensors,
+                                             const std::vector<std::vector<int64_t>>& metas,
+                                             const std::vector<std::vector<int64_t>>& seg_tokens, double scaling,
+                                             const at::Tensor& luts) {
+  const int64_t n = static_cast<int64_t>(queries.size());
+  TORCH_CHECK(static_cast<int64_t>(tensors.size()) == n && static_cast<int64_t>(metas.size()) == n &&
+                  static_cast<int64_t>(seg_tokens.size()) == n,
+              "kvsqueeze: one tensor list, meta and token list per query");
+  std::vector<at::Tensor> out(n);
+  const int64_t threads = at::get_num_threads();
+  if (n == 1 || threads == 1) {
+    for (int64_t i = 0; i < n; ++i)
+      out[i] = fused_attention_impl(queries[i], tensors[i], metas[i], seg_tokens[i], c10::nullopt, scaling, true,
+                                    luts, c10::nullopt, threads, false);
+    return out;
+  }
+  std::vector<std::exception_ptr> errors(n);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(std::min(threads, n))
+  for (int64_t i = 0; i < n; ++i) {
+    try {
+      out[i] = fused_attention_impl(queries[i], tensors[i], metas[i], seg_tokens[i], c10::nullopt, scaling, true,
+                                    luts, c10::nullopt, threads, true);
+    } catch (...) {
+      errors[i] = std::current_exception();
+    }
+  }
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
   return out;
 }
 
