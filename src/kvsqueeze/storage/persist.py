@@ -69,6 +69,11 @@ def checksum(header: dict, data: memoryview | bytes) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def label(kind: str) -> str:
+    """How messages name a file of ``kind``: ``"kvsqueeze.prompt_cache"`` -> ``"prompt cache file"``."""
+    return kind.removeprefix("kvsqueeze.").replace("_", " ") + " file"
+
+
 def write_file(
     path: str | os.PathLike, kind: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]
 ) -> int:
@@ -81,9 +86,9 @@ def write_file(
 
     target = Path(path).expanduser()
     if target.is_dir():
-        raise ValueError(f"{kind} file: {str(path)!r} is a directory; allowed: a file path")
+        raise ValueError(f"{label(kind)}: {str(path)!r} is a directory; allowed: a file path")
     if not target.parent.is_dir():
-        raise ValueError(f"{kind} file: {str(path)!r}: the directory {str(target.parent)!r} does not exist")
+        raise ValueError(f"{label(kind)}: {str(path)!r}: the directory {str(target.parent)!r} does not exist")
     clash = [k for k in metadata if k in RESERVED_KEYS]
     assert not clash, f"metadata keys {clash} are reserved"
     meta = {k: json.dumps(v, separators=(",", ":")) for k, v in metadata.items()}
@@ -134,7 +139,7 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def read_header(raw: bytes, name: str, kind: str) -> tuple[dict, int]:
     """The parsed header of the file bytes ``raw`` and where its data starts, with the format and
     version checked; CacheFileError otherwise (``name``: the path, for messages)."""
-    what = f"{kind} file {name!r}"
+    what = f"{label(kind)} {name!r}"
     if len(raw) < 8:
         raise CacheFileError(
             f"{what} is not a safetensors file ({len(raw)} bytes; a safetensors file starts with an 8-byte "
@@ -201,17 +206,17 @@ def read_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tenso
     name = str(path)
     file = Path(path).expanduser()
     if file.is_dir():
-        raise CacheFileError(f"{kind} file {name!r} is a directory; allowed: a file", "unreadable")
+        raise CacheFileError(f"{label(kind)} {name!r} is a directory; allowed: a file", "unreadable")
     if not file.exists():
-        raise CacheFileError(f"{kind} file {name!r} does not exist", "missing")
+        raise CacheFileError(f"{label(kind)} {name!r} does not exist", "missing")
     try:
         raw = file.read_bytes()
     except OSError as err:
         raise CacheFileError(
-            f"{kind} file {name!r} cannot be read ({err.strerror or err})", "unreadable"
+            f"{label(kind)} {name!r} cannot be read ({err.strerror or err})", "unreadable"
         ) from None
     header, start = read_header(raw, name, kind)
-    what = f"{kind} file {name!r}"
+    what = f"{label(kind)} {name!r}"
     try:
         ends = [int(info["data_offsets"][1]) for key, info in header.items() if key != "__metadata__"]
     except (TypeError, KeyError, IndexError, ValueError):
