@@ -486,8 +486,14 @@ class SqueezedCache(Cache):
         config: str | CacheConfig | dict = "k4v2",
         fused: bool | None = None,
         pool: KVPool | None = None,
+        *,
+        risk_check: bool = True,
     ) -> SqueezedCache:
         """A cache for ``model`` (any transformers causal LM) from a preset name or a config.
+
+        ``risk_check``: warn when the config is predicted unsafe for the model (`warn_if_unsafe`, a
+        simulation over the weights; False skips it, e.g. for a cache loaded from a file whose config
+        was checked when it was made).
 
         With a model whose attention implementation is ``"kvsqueeze"`` (and ``fused`` None or True)
         the layers take the fused path; the attention is registered first if it is not yet.
@@ -508,7 +514,8 @@ class SqueezedCache(Cache):
         cache = cls(config, model.config, fused, pool)
         if pool is not None:
             cache.prefix_digest = prefix_digest(cache.cache_config, model.config, model)
-        cache.warn_if_unsafe(model)
+        if risk_check:
+            cache.warn_if_unsafe(model)
         if isinstance(model, torch.nn.Module) and getattr(model, "_kvsqueeze_forward_hook", None) is None:
             # assisted decoding: which new tokens of a forward are drafts (`ForwardShape`); prefix
             # sharing: the token ids of each forward, and its full blocks published after it

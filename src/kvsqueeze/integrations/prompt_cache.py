@@ -183,7 +183,7 @@ def load_prompt_cache(
                 "with (or delete the file to recompute it)",
                 "config",
             )
-    cache = SqueezedCache.from_model(model, saved, fused=fused, pool=pool)
+    cache = SqueezedCache.from_model(model, saved, fused=fused, pool=pool, risk_check=False)
     try:
         ids = _fill(cache, tensors, meta, model)
     except (StateError, ValueError) as err:

@@ -197,8 +197,14 @@ class BlockPool:
         for s in slab_of.unique().tolist():
             sel = (slab_of == s).nonzero(as_tuple=True)[0]
             local = ids[sel] - s * self.per_slab
+            # consecutive ids taken from consecutive rows (fresh blocks): slice copies, no index kernels
+            runs = len(sel) == 1 or bool(((local.diff() == 1) & (sel.diff() == 1)).all())
+            first, row, n = int(local[0]), int(sel[0]), len(sel)
             for dst, src in zip(self.slabs[s].tensors(), blocks.tensors(), strict=True):
-                dst.index_copy_(0, local.to(dst.device), src.index_select(0, sel.to(src.device)))
+                if runs:
+                    dst[first : first + n].copy_(src[row : row + n])
+                else:
+                    dst.index_copy_(0, local.to(dst.device), src.index_select(0, sel.to(src.device)))
 
     def read(self, ids: torch.Tensor) -> Slab:
         """Copies of blocks ``ids`` (int64 (n,)) as one slab (n, kv_heads, block_size, ...), in the
