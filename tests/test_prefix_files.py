@@ -4,12 +4,17 @@ pool (entries, free blocks, hits that read the same bits), the engine's save/loa
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from test_serve_harness import TINY_NAME, serving, tiny_engine
+from test_serve_harness import TINY_NAME, free_port, serving, tiny_engine
 from tiny import prompt_ids, tiny_llama
 
 from kvsqueeze import KVPool, SqueezedCache
@@ -143,3 +148,44 @@ def test_serve_refuses_a_missing_prompt_cache_dir_before_loading(tiny_llama_dir,
         and "--prompt-cache-dir: " in err
         and "does not exist; allowed: an existing directory" in err
     )
+
+
+def test_serve_process_saves_at_sigint_and_warms_from_the_file_next_start(tiny_llama_dir, tmp_path) -> None:
+    """The command's wiring: `kvsqueeze serve --prompt-cache-dir` writes the file when stopped by
+    SIGINT, and the next start loads it (its log says so) and answers with cached prompt tokens."""
+    prompt = "The quick brown fox jumps over the lazy dog, " * 36  # ~360 tokens of the SmolLM2 tokenizer
+
+    def serve_once(log: Path) -> dict:
+        with free_port() as sock:
+            port = sock.getsockname()[1]
+        argv = [sys.executable, "-m", "kvsqueeze.cli", "serve", "--model", str(tiny_llama_dir), "--kv", "k4v4",
+                "--kv-budget", "64MiB", "--port", str(port), "--prompt-cache-dir", str(tmp_path)]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with open(log, "wb") as sink:
+            process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
+            try:
+                end = time.monotonic() + 180
+                while True:
+                    assert process.poll() is None, log.read_text()
+                    assert time.monotonic() < end, "the server did not come up"
+                    try:
+                        if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        time.sleep(0.2)
+                body = {"model": str(tiny_llama_dir), "prompt": prompt, "max_tokens": 2, "temperature": 0}
+                reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
+                process.send_signal(signal.SIGINT)
+                assert process.wait(60) in (0, 130), log.read_text()
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait(10)
+        return reply
+
+    first = serve_once(tmp_path / "first.log")
+    assert (tmp_path / PREFIX_FILE).exists(), (tmp_path / "first.log").read_text()
+    second = serve_once(tmp_path / "second.log")
+    assert "prefix cache: " in (tmp_path / "second.log").read_text()
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 256

@@ -2,6 +2,7 @@
 
 kvsqueeze serve --model smollm2-135m --kv k4v4 --kv-budget 256MiB --port 8000
 kvsqueeze serve --kv best-3bit --api-key "$KEY" --max-waiting 32 --request-timeout 120
+kvsqueeze serve --kv k4v4 --prompt-cache-dir ./prefixes   # warm prefix cache, saved at shutdown
 
 Every flag is checked before the weights load (numbers and ranges, the KV flags of `kv_args` against
 the model's config, that HOST:PORT can be bound); each refusal names the flag, the value and what
