@@ -4,6 +4,7 @@ Every flag is checked before the model's weights load (the prompt, the decoding 
 of `kv_args` against the model's config, a config file's model fingerprint, the read path), and the
 prompt's tokens plus --max-new-tokens against the model's context (the tokenizer and config are
 read without the weights). The last lines name the config and the read path that really ran.
+``--prompt-cache FILE`` saves and reuses the prefilled prompt (`prompt_cache`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .common import console, load_model_config, read_text_file
 from .kv_args import KVChoice, add_kv_arguments, describe
 from .preflight import context_tokens, load_tokenizer
+from .prompt_cache import check_path, prepared_cache
 
 if TYPE_CHECKING:
     from ..config import CacheConfig
@@ -81,6 +83,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     gen.add_argument(
         "--seed", type=int, help="random seed of the sampling, 0 .. 2**64-1; needs --sample (default: 0)"
+    )
+    gen.add_argument(
+        "--prompt-cache",
+        metavar="FILE",
+        help="save the prefilled prompt's cache to FILE on first use and reuse it on later runs whose prompt "
+        "starts with the same tokens (only the rest is prefilled; a different prompt is recomputed and "
+        "FILE overwritten); a FILE made for another model or --kv is refused (default: none)",
     )
     gen.set_defaults(func=run)
 
@@ -155,6 +164,7 @@ def run(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens: {args.max_new_tokens} is not allowed; allowed: an integer >= 1")
     decoding = Decoding.from_args(args)
+    cache_file = None if args.prompt_cache is None else check_path(args.prompt_cache)
     choice = KVChoice.from_args(args)
     choice.check()  # before the model's config is read: what needs no model
     model_config = load_model_config("--model", args.model)
@@ -190,11 +200,19 @@ def run(args: argparse.Namespace) -> None:
     from ..models import load_model
 
     model, tokenizer = load_model(args.model, attn_implementation=ATTN_PATHS[attn])  # its pad token set
-    cache = SqueezedCache.from_model(model, kv.source)
-    if kv.config.tokens is not None:  # modality placeholders of the model's config; the rest is text
-        from ..policies.roles import roles_from_ids
 
-        cache.set_roles(roles_from_ids(inputs["input_ids"], model.config))
+    def new_cache() -> SqueezedCache:
+        cache = SqueezedCache.from_model(model, kv.source)
+        if kv.config.tokens is not None:  # modality placeholders of the model's config; the rest is text
+            from ..policies.roles import roles_from_ids
+
+            cache.set_roles(roles_from_ids(inputs["input_ids"], model.config))
+        return cache
+
+    if cache_file is None:
+        cache = new_cache()
+    else:
+        cache = prepared_cache(cache_file, model, kv.source, inputs["input_ids"], new_cache)
     torch.manual_seed(decoding.seed)
     with torch.inference_mode():
         model.generate(

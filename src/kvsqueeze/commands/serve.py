@@ -2,6 +2,7 @@
 
 kvsqueeze serve --model smollm2-135m --kv k4v4 --kv-budget 256MiB --port 8000
 kvsqueeze serve --kv best-3bit --api-key "$KEY" --max-waiting 32 --request-timeout 120
+kvsqueeze serve --kv k4v4 --prompt-cache-dir ./prefixes   # warm prefix cache, saved at shutdown
 
 Every flag is checked before the weights load (numbers and ranges, the KV flags of `kv_args` against
 the model's config, that HOST:PORT can be bound); each refusal names the flag, the value and what
@@ -19,12 +20,15 @@ import logging
 import math
 import os
 import socket
+from pathlib import Path
+from typing import Any
 
 from .common import RunFailed, console, load_model_config
 from .kv_args import KVChoice, add_kv_arguments
 
 DEFAULT_KV = "k4v4"
 DEFAULT_BUDGET = "256MiB"
+PREFIX_FILE = "prefix-blocks.safetensors"
 API_KEY_ENV = "KVSQUEEZE_API_KEY"
 SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
 
@@ -72,6 +76,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="on shutdown, wait this long for running requests to finish",
     )  # fmt: skip
     cmd.add_argument(
+        "--prompt-cache-dir",
+        metavar="DIR",
+        help="warm the prefix cache at start-up from the prefix-block files (*.safetensors) in DIR, and save "
+        f"the prefixes cached at shutdown to DIR/{PREFIX_FILE} (default: no prefix files)",
+    )
+    cmd.add_argument(
         "--log-prompts",
         action="store_true",
         help="log prompts and outputs (default: only their token counts)",
@@ -95,6 +105,12 @@ def check_flags(args: argparse.Namespace) -> int | None:
         raise ValueError("--api-key: it is empty; allowed: a non-empty key (or omit it for no key)")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise ValueError("--served-model-name: it is empty; allowed: a name, e.g. my-model")
+    if args.prompt_cache_dir is not None and not Path(args.prompt_cache_dir).expanduser().is_dir():
+        what = "is not a directory" if Path(args.prompt_cache_dir).expanduser().exists() else "does not exist"
+        raise ValueError(
+            f"--prompt-cache-dir: {args.prompt_cache_dir!r} {what}; allowed: an existing directory (create it "
+            "first; an empty one is fine)"
+        )
     if str(args.kv_budget).strip().lower() == "none":
         return None
     from ..eval.capacity import parse_size
@@ -158,6 +174,11 @@ def run(args: argparse.Namespace) -> None:
     engine = LLMEngine.from_pretrained(
         args.model, kv=kv.source, kv_budget=budget, max_num_seqs=args.max_num_seqs, model_name=name
     )
+    on_stopped = None
+    if args.prompt_cache_dir is not None:
+        folder = Path(args.prompt_cache_dir).expanduser()
+        warm_prefix_cache(engine, folder)
+        on_stopped = lambda: save_prefix_cache(engine, folder)  # noqa: E731
     app = create_app(
         engine,
         model_names=[name],
@@ -166,6 +187,7 @@ def run(args: argparse.Namespace) -> None:
         request_timeout=args.request_timeout,
         log_prompts=args.log_prompts,
         drain_timeout=args.drain_timeout,
+        on_stopped=on_stopped,
     )
     console.print(
         f"[green]serving[/green] {name} on http://{args.host}:{args.port}/v1 "
@@ -174,6 +196,37 @@ def run(args: argparse.Namespace) -> None:
     uvicorn.run(
         app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.drain_timeout
     )
+
+
+def warm_prefix_cache(engine: Any, folder: Path) -> int:
+    """Load every prefix-block file (*.safetensors, in name order) of ``folder`` into ``engine``'s prefix
+    cache; returns the block entries added. A file that is not one, or was made for another model or KV
+    config, or is damaged, is refused: ValueError naming --prompt-cache-dir, the file and why."""
+    from ..storage.persist import CacheFileError
+
+    added = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            n = engine.load_prefix_blocks(path)
+        except CacheFileError as err:
+            raise ValueError(
+                f"--prompt-cache-dir: {err}; allowed: prefix-block files written by `kvsqueeze serve` for this "
+                "model and --kv (move the file away to start without it)"
+            ) from None
+        console.print(f"[dim]prefix cache: {n} blocks of {len(engine.pool.prefix)} entries from {path}[/dim]")
+        added += n
+    return added
+
+
+def save_prefix_cache(engine: Any, folder: Path) -> None:
+    """Write ``engine``'s prefix cache to ``folder``/`PREFIX_FILE` (at shutdown); a failure is logged."""
+    path = folder / PREFIX_FILE
+    try:
+        n = engine.save_prefix_blocks(path)
+    except (OSError, ValueError) as err:
+        logging.getLogger("kvsqueeze.serve").error("prefix cache not saved to %s: %s", path, err)
+        return
+    logging.getLogger("kvsqueeze.serve").info("prefix cache: %d blocks saved to %s", n, path)
 
 
 def _importable(module: str) -> bool:

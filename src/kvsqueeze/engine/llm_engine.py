@@ -15,6 +15,7 @@ thread (`kvsqueeze.serve` runs it in a background thread).
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -407,6 +408,25 @@ class LLMEngine:
         if reason is not None:
             self._finish(seq, reason)
         return self._output(seq, [token], delta)
+
+    # --- prefix blocks on disk -------------------------------------------------------------------------
+    def save_prefix_blocks(self, path: str | os.PathLike) -> int:
+        """Write the prefix cache (the blocks of the prompt prefixes published so far, with their token
+        ids) to ``path``, atomically (`integrations.prefix_files`); returns the block entries written.
+        Call while no step runs (the engine is not thread-safe)."""
+        from ..integrations.prefix_files import save_prefix_blocks
+
+        return save_prefix_blocks(path, self.pool, self.model, self.cache_config)
+
+    def load_prefix_blocks(self, path: str | os.PathLike) -> int:
+        """Warm the prefix cache from a file written by `save_prefix_blocks` for this model and KV
+        config: its blocks enter the pool free (reused first, findable by prompts that start with their
+        tokens until reused; they count in the pool's bytes, not in the KV budget's used bytes).
+        Returns the block entries added. Raises `CacheFileError` (a ValueError) naming what differs
+        or is damaged."""
+        from ..integrations.prefix_files import load_prefix_blocks
+
+        return load_prefix_blocks(path, self.pool, self.model, self.cache_config)
 
     def stats(self) -> EngineStats:
         used = self.kv_cache_bytes()

@@ -277,17 +277,13 @@ class SqueezedCache(Cache):
             )
         if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"fused: {fused!r}; allowed: None (follow the model), True or False")
-        if isinstance(config, str):  # best-* presets: the bundled calibration when it fits this model
-            from ..calibration.bundled import bundled_config
-
-            config = bundled_config(config, model_config) or config
         text_config = model_config.get_text_config(decoder=True)
         num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
         head_dim = (
             getattr(text_config, "head_dim", None)
             or text_config.hidden_size // text_config.num_attention_heads
         )
-        self.cache_config = resolve_config(config, head_dim=head_dim)  # preset names fit head_dim
+        self.cache_config = self.resolve(config, model_config)
         asked = fused
         if fused is None:
             fused = getattr(text_config, "_attn_implementation", None) == FUSED_ATTENTION
@@ -368,6 +364,22 @@ class SqueezedCache(Cache):
             stores = [x.store for x in layers if isinstance(x, SqueezedLayer) and x.store.positional]
             weakref.finalize(self, release_blocks, stores)
         self._first_squeezed = next((i for i, x in enumerate(layers) if isinstance(x, SqueezedLayer)), -1)
+
+    @staticmethod
+    def resolve(config: str | CacheConfig | dict, model_config: Any) -> CacheConfig:
+        """The `CacheConfig` a cache for ``model_config`` (a transformers config) builds from ``config``:
+        a ``best-*`` preset name becomes the bundled calibration when one fits the model, preset names
+        are fitted to its head_dim (`resolve_config`); a `CacheConfig` is returned as it is."""
+        if isinstance(config, str):  # best-* presets: the bundled calibration when it fits this model
+            from ..calibration.bundled import bundled_config
+
+            config = bundled_config(config, model_config) or config
+        text_config = model_config.get_text_config(decoder=True)
+        head_dim = (
+            getattr(text_config, "head_dim", None)
+            or text_config.hidden_size // text_config.num_attention_heads
+        )
+        return resolve_config(config, head_dim=head_dim)  # preset names fit head_dim
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -474,8 +486,14 @@ class SqueezedCache(Cache):
         config: str | CacheConfig | dict = "k4v2",
         fused: bool | None = None,
         pool: KVPool | None = None,
+        *,
+        risk_check: bool = True,
     ) -> SqueezedCache:
         """A cache for ``model`` (any transformers causal LM) from a preset name or a config.
+
+        ``risk_check``: warn when the config is predicted unsafe for the model (`warn_if_unsafe`, a
+        simulation over the weights; False skips it, e.g. for a cache loaded from a file whose config
+        was checked when it was made).
 
         With a model whose attention implementation is ``"kvsqueeze"`` (and ``fused`` None or True)
         the layers take the fused path; the attention is registered first if it is not yet.
@@ -496,7 +514,8 @@ class SqueezedCache(Cache):
         cache = cls(config, model.config, fused, pool)
         if pool is not None:
             cache.prefix_digest = prefix_digest(cache.cache_config, model.config, model)
-        cache.warn_if_unsafe(model)
+        if risk_check:
+            cache.warn_if_unsafe(model)
         if isinstance(model, torch.nn.Module) and getattr(model, "_kvsqueeze_forward_hook", None) is None:
             # assisted decoding: which new tokens of a forward are drafts (`ForwardShape`); prefix
             # sharing: the token ids of each forward, and its full blocks published after it

@@ -118,10 +118,11 @@ def publish(cache: SqueezedCache) -> int:
             copies = {
                 i: (s.sink_k.view().clone(), s.sink_v.view().clone()) for i, s in stores.items() if sinks
             }
-            prefix.put(root, PrefixEntry({}, copies), pools)
+            prefix.put(root, PrefixEntry({}, copies, tokens=tuple(ids[:sinks])), pools)
             cache.last_hash = root
             key = chain_hash(root, ids[sinks : sinks + bs], cache.prefix_digest)
-        prefix.put(key, PrefixEntry(entry, parent=cache.last_hash), pools)
+        tokens = tuple(ids[sinks + j * bs : sinks + (j + 1) * bs])
+        prefix.put(key, PrefixEntry(entry, parent=cache.last_hash, tokens=tokens), pools)
         cache.last_hash = key
         new += 1
     cache.published = blocks

@@ -21,7 +21,7 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -46,9 +46,12 @@ def create_app(
     log_prompts: bool = False,
     drain_timeout: float = 30.0,
     max_body_bytes: int = MAX_BODY_BYTES,
+    on_stopped: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The app serving ``engine`` (an `LLMEngine`; the app owns its thread from startup to
     shutdown) under ``model_names`` (default: ``engine.model_name``; the first is the one reported).
+    ``on_stopped`` runs at shutdown once the engine thread has ended (e.g. saving the prefix cache);
+    skipped, with a warning, when the thread did not end.
     """
     names = list(dict.fromkeys(model_names or [engine.model_name]))
     metrics = Metrics(names[0])
@@ -59,6 +62,11 @@ def create_app(
         async_engine.start()
         yield
         await async_engine.shutdown(drain_timeout)
+        if on_stopped is not None:
+            if async_engine.stopped:
+                await asyncio.to_thread(on_stopped)
+            else:
+                log.warning("shutdown: the engine thread did not stop; skipping what was to run after it")
 
     app = FastAPI(title="kvsqueeze", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.async_engine = async_engine

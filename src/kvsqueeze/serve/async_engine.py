@@ -140,6 +140,11 @@ class AsyncEngine:
         return not self._closing and self._thread is not None and self._thread.is_alive()
 
     @property
+    def stopped(self) -> bool:
+        """The engine thread has ended (or never started): the engine may be used from this thread."""
+        return self._thread is None or not self._thread.is_alive()
+
+    @property
     def num_waiting(self) -> int:
         return self._num_pending + self.stats.num_waiting
 

@@ -27,11 +27,12 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from ..quant.exact import ExactSpec, ExactTensor, storage_spec
-from ..quant.overflow import MetadataOverflowWarning, metadata_amax
+from ..quant.overflow import WIDE_SCALE_DTYPE, MetadataOverflowWarning, metadata_amax
 from ..quant.packed import PackedTensor
 from ..quant.paged import PagedPart, Slab
 from ..quant.spec import QuantSpec
@@ -202,8 +203,63 @@ class BlockPool:
         for s in slab_of.unique().tolist():
             sel = (slab_of == s).nonzero(as_tuple=True)[0]
             local = ids[sel] - s * self.per_slab
+            # consecutive ids taken from consecutive rows (fresh blocks): slice copies, no index kernels
+            runs = len(sel) == 1 or bool(((local.diff() == 1) & (sel.diff() == 1)).all())
+            first, row, n = int(local[0]), int(sel[0]), len(sel)
             for dst, src in zip(self.slabs[s].tensors(), blocks.tensors(), strict=True):
-                dst.index_copy_(0, local.to(dst.device), src.index_select(0, sel.to(src.device)))
+                if runs:
+                    dst[first : first + n].copy_(src[row : row + n])
+                else:
+                    dst.index_copy_(0, local.to(dst.device), src.index_select(0, sel.to(src.device)))
+
+    def read(self, ids: torch.Tensor) -> Slab:
+        """Copies of blocks ``ids`` (int64 (n,)) as one slab (n, kv_heads, block_size, ...), in the
+        order of ``ids``: the inverse of `write` (what a file saves)."""
+        first = self.slabs[0]
+        out = [t.new_empty((len(ids), *t.shape[1:])) for t in first.tensors()]
+        slab_of = ids // self.per_slab
+        for s in slab_of.unique().tolist():
+            sel = (slab_of == s).nonzero(as_tuple=True)[0]
+            local = ids[sel] - s * self.per_slab
+            for dst, src in zip(out, self.slabs[s].tensors(), strict=True):
+                dst[sel.to(dst.device)] = src.index_select(0, local.to(src.device))
+        held = iter(out)
+        return first.map(lambda _: next(held))  # map visits the tensors in `tensors()` order
+
+    def add_blocks(self, blocks: Slab) -> torch.Tensor:
+        """Store ``blocks`` (n, kv_heads, block_size, ...), e.g. read from a file, in ``n`` blocks
+        allocated here; returns their ids (int64, one reference each). Packed blocks must have this
+        pool's spec up to the metadata dtype: wider metadata widens the pool (as `encode` does), narrower
+        metadata is widened exactly. Exact blocks are stored in the pool's dtype, widened like `encode`.
+        Raises ValueError for blocks of another format, PoolFull (``max_blocks``)."""
+        if self.spec.is_exact:
+            values = blocks.values
+            held = self.spec.dtype
+            if held is not None and held != torch.promote_types(held, values.dtype):
+                self._widen_exact(torch.promote_types(held, values.dtype))
+            if self.spec.dtype is not None:
+                values = values.to(self.spec.dtype)
+            blocks = ExactTensor(values)
+            like = values[:1, :, :0]
+        else:
+            spec = getattr(blocks, "spec", None)
+            if (
+                not isinstance(spec, QuantSpec)
+                or replace(spec, scale_dtype=self.spec.scale_dtype) != self.spec
+            ):
+                raise ValueError(
+                    f"{self.name}: blocks of format {spec}; allowed: this pool's format {self.spec}"
+                )
+            if spec.scale_dtype != self.spec.scale_dtype:
+                if spec.scale_dtype == WIDE_SCALE_DTYPE:
+                    self._widen(blocks)
+                else:
+                    blocks = blocks.with_metadata_of(self.spec)
+            like = torch.empty(1, blocks.codes.shape[1], 0, blocks.head_dim, device=blocks.codes.device)
+        n = blocks.tensors()[0].shape[0]
+        ids = self.allocate(n, like=like)
+        self.write(ids, blocks)
+        return ids
 
     def part(self, table: torch.Tensor, num_tokens: int) -> PagedPart:
         """The tokens of block table ``table`` (int32 (batch, >= num_tokens / block_size)) as a

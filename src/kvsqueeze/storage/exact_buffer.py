@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import torch
 
+from .state import StateDict, StateError, dtype_name, dtype_of
+
 
 def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
@@ -137,6 +139,28 @@ class ExactBuffer:
         self.data = None
         self.num_tokens = 0
 
+    def save_state(self, state: StateDict) -> None:
+        """``dtype`` (the storage dtype asked for, or None) and ``data``: the held tokens (batch,
+        kv_heads, tokens, head_dim) in their storage dtype (absent when empty)."""
+        state.set("dtype", dtype_name(self.dtype))
+        state.put("data", self.view())
+
+    def load_state(self, state: StateDict, device: torch.device | str) -> None:
+        """Hold exactly what `save_state` wrote (the buffer is cleared first). Raises StateError for
+        more tokens than ``capacity`` or data that is not 4-dimensional."""
+        self.clear()
+        self.set_dtype(dtype_of(state.get("dtype"), state.name("dtype")))
+        data = state.take("data", device)
+        if data is None:
+            return
+        state.need("data", dims=4)
+        if self.capacity is not None and data.shape[-2] > self.capacity:
+            raise StateError(
+                f"state: {state.name('data')} holds {data.shape[-2]} tokens; allowed: at most {self.capacity} "
+                f"({self.name})"
+            )
+        self.append(data)
+
 
 class ExactChunks:
     """Exact tokens (batch, kv_heads, tokens, head_dim) in frozen chunks of ``chunk_tokens`` plus a tail."""
@@ -184,3 +208,17 @@ class ExactChunks:
     def clear(self) -> None:
         self.chunks = []
         self.tail.clear()
+
+    def save_state(self, state: StateDict) -> None:
+        """``chunks`` (their number), ``chunks.<i>`` (batch, kv_heads, chunk_tokens, head_dim) each,
+        and the ``tail`` buffer."""
+        state.set("chunks", len(self.chunks))
+        for i, chunk in enumerate(self.chunks):
+            state.put(f"chunks.{i}", chunk)
+        self.tail.save_state(state.child("tail"))
+
+    def load_state(self, state: StateDict, device: torch.device | str) -> None:
+        """Hold exactly what `save_state` wrote (cleared first); StateError for a missing chunk."""
+        self.clear()
+        self.chunks = [state.need(f"chunks.{i}", device, dims=4) for i in range(state.count("chunks"))]
+        self.tail.load_state(state.child("tail"), device)

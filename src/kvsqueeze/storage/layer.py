@@ -45,6 +45,7 @@ from .placement import SequencePlacement
 from .policy_placement import PolicyPlacement
 from .row_sinks import RowSinks, RowSinkView
 from .staging import Staging
+from .state import StateDict, StateError, dtype_name, dtype_of
 from .token_class import ExactClass, PackedClass
 from .transform import PageTransform
 
@@ -437,3 +438,47 @@ class LayerStore:
         for buf in (self.sink_k, self.sink_v, self.window, self.pending_k, self.pending_v, self.row_sinks):
             buf.clear()
         self.placement.clear()
+
+    # --- persistence ---------------------------------------------------------------------------------
+    def _parts(self) -> list[tuple[str, object]]:
+        return [
+            ("sinks.keys", self.sink_k),
+            ("sinks.values", self.sink_v),
+            ("window", self.window),
+            ("pending.keys", self.pending_k),
+            ("pending.values", self.pending_v),
+            ("row_sinks", self.row_sinks),
+        ]
+
+    def save_state(self, state: StateDict) -> None:
+        """Everything held, so that `load_state` gives back a store that reads and continues bit for
+        bit like this one: ``exact_dtype``, ``num_tokens`` and ``num_seen`` (checked on load), the
+        exact parts (``sinks``, ``window``, ``pending``, ``row_sinks``) and the placement's (the packed
+        ``history``, or a token policy's classes and scores). See docs/persistence.md for the names."""
+        state.set("exact_dtype", dtype_name(self.exact_dtype))
+        state.set("num_tokens", self.num_tokens)
+        state.set("num_seen", self.num_seen)
+        for name, part in self._parts():
+            part.save_state(state.child(name))
+        self.placement.save_state(state)
+
+    def load_state(self, state: StateDict, device: torch.device | str) -> None:
+        """Hold what `save_state` wrote, on ``device``. Call on an empty store built from the same
+        config (ValueError otherwise); StateError when the saved parts do not add up to the saved counts."""
+        if self.num_seen:
+            raise ValueError(
+                f"{self.name}: load_state needs an empty store; this one holds {self.num_seen} tokens"
+            )
+        self.set_exact_dtype(dtype_of(state.get("exact_dtype"), state.name("exact_dtype")))
+        for name, part in self._parts():
+            part.load_state(state.child(name), device)
+        self.placement.load_state(state, device)
+        self._planned = None
+        held, seen = state.count("num_tokens"), state.count("num_seen")
+        if (self.num_tokens, self.num_seen) != (held, seen):
+            found = (self.num_tokens, self.num_seen)
+            self.clear()
+            raise StateError(
+                f"state: {state.prefix.rstrip('.')} holds {found[0]} tokens of {found[1]} seen; its counts say "
+                f"{held} of {seen}"
+            )

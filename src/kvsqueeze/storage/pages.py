@@ -27,6 +27,7 @@ from ..quant.paged import PagedPart
 from ..quant.spec import QuantSpec
 from .block_pool import BlockPool
 from .block_table import BlockTables
+from .state import StateDict, StateError, put_blocks, spec_from_state, spec_state, take_blocks
 from .transform import PageTransform
 
 Page = PackedTensor | ExactTensor | PagedPart
@@ -161,3 +162,44 @@ class PagedStore:
         self.tables.release(self.pool)
         if self.owns_pool:
             self.pool.clear()
+
+    def save_state(self, state: StateDict) -> None:
+        """``spec`` (the pool's format now, widened metadata included), the distinct blocks the rows
+        hold (``blocks.*``, `state.put_blocks`, in order of block id) and ``table`` (batch, blocks)
+        int32: each row's blocks as indices into them (absent when empty)."""
+        state.set("spec", spec_state(self.spec))
+        table = self.tables.view()
+        if table is None or not self.num_tokens:
+            return
+        ids, local = table.long().unique(return_inverse=True)
+        put_blocks(state.child("blocks"), self.pool.read(ids), self.spec)
+        state.put("table", local.to(torch.int32))
+
+    def load_state(self, state: StateDict, device: torch.device | str) -> None:
+        """Hold the blocks `save_state` wrote, copied into newly allocated blocks of the pool (the
+        store is cleared first). StateError for blocks of another format than the store's spec, or a
+        table pointing outside the saved blocks."""
+        self.clear()
+        table = state.take("table")
+        if table is None:
+            return
+        spec = spec_from_state(state.value("spec"), state.name("spec"))
+        if spec.is_exact != self.spec.is_exact:
+            raise StateError(
+                f"state: {state.name('spec')} is {'exact' if spec.is_exact else 'packed'} blocks; this store "
+                f"keeps {'exact' if self.spec.is_exact else 'packed'} ones"
+            )
+        blocks = take_blocks(state.child("blocks"), spec, self.block_size, device)
+        num_blocks = blocks.tensors()[0].shape[0]
+        if table.dim() != 2 or table.numel() and not 0 <= int(table.min()) <= int(table.max()) < num_blocks:
+            raise StateError(
+                f"state: {state.name('table')} {tuple(table.shape)} points outside the {num_blocks} saved blocks"
+            )
+        try:
+            ids = self.pool.add_blocks(blocks)
+        except ValueError as err:
+            raise StateError(f"state: {state.name('blocks')}: {err}") from None
+        rows = ids[table.long()]
+        self.pool.incref(rows.flatten())  # the tables hold one reference per entry,
+        self.pool.decref(ids)  # the allocation's own goes
+        self.tables.append(rows.to(torch.int32))

@@ -22,6 +22,7 @@ from ..policies.classes import Precision
 from ..policies.plan import Counts
 from .block_pool import BlockPool
 from .pages import Page, SegmentTuple
+from .state import StateDict
 from .token_class import PackedClass
 from .transform import PageTransform
 
@@ -118,3 +119,10 @@ class SequencePlacement:
 
     def clear(self) -> None:
         self.history.clear()
+
+    def save_state(self, state: StateDict) -> None:
+        """The packed ``history`` (`PackedClass.save_state`)."""
+        self.history.save_state(state.child("history"))
+
+    def load_state(self, state: StateDict, device: torch.device | str) -> None:
+        self.history.load_state(state.child("history"), device)

@@ -17,6 +17,7 @@ therefore placed only after the attention (``defers``). Stored columns are not s
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict, fields
 
 import torch
 
@@ -24,6 +25,7 @@ from ..config import CacheConfig
 from ..policies.classes import Precision, Role, precision
 from ..policies.plan import Counts, TokenPolicy
 from .pages import Page, SegmentTuple
+from .state import StateDict, StateError
 from .token_class import ExactClass, PackedClass, token_class
 from .transform import PageTransform
 
@@ -201,3 +203,30 @@ class PolicyPlacement:
         self.scores = None
         self.counts = Counts()
         self.num_evicted = 0
+
+    def save_state(self, state: StateDict) -> None:
+        """Every class (``exact``, ``high``, ``low``), the undecided tokens' ``scores`` (batch, kv_heads,
+        tokens) float32 (attention scorer), the ``roles`` (batch, marked tokens) int8, the budget
+        ``counts`` and ``num_evicted``."""
+        for cls, store in self.classes.items():
+            store.save_state(state.child(cls.name.lower()))
+        state.put("scores", self.scores)
+        state.put("roles", self.roles)
+        state.set("counts", asdict(self.counts))
+        state.set("num_evicted", self.num_evicted)
+
+    def load_state(self, state: StateDict, device: torch.device | str) -> None:
+        """Hold what `save_state` wrote; StateError for counts that are not `Counts` fields."""
+        for cls, store in self.classes.items():
+            store.load_state(state.child(cls.name.lower()), device)
+        self.scores = state.take("scores", device)
+        roles = state.take("roles")
+        self.roles = None if roles is None else roles.to(torch.int8)
+        counts = state.value("counts")
+        allowed = [f.name for f in fields(Counts)]
+        if not isinstance(counts, dict) or any(
+            k not in allowed or isinstance(v, bool) or not isinstance(v, int) for k, v in counts.items()
+        ):
+            raise StateError(f"state: {state.name('counts')} is {counts!r}; allowed: integers for {allowed}")
+        self.counts = Counts(**counts)
+        self.num_evicted = state.count("num_evicted")

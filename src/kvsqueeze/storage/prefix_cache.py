@@ -42,11 +42,13 @@ def chain_hash(parent: bytes | None, tokens: Sequence[int], digest: bytes) -> by
 @dataclass
 class PrefixEntry:
     """One cached block: per layer index, its (key block id, value block id); the root entry holds
-    each layer's sink tokens ((1, kv_heads, sinks, head_dim) keys and values) instead."""
+    each layer's sink tokens ((1, kv_heads, sinks, head_dim) keys and values) instead. ``tokens``:
+    the ids the entry's hash covers (what a prefix-blocks file saves to hash them again)."""
 
     blocks: dict[int, tuple[int, int]]
     sinks: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     parent: bytes | None = None  # the hash this block's hash chains from (a root for block 0)
+    tokens: tuple[int, ...] = ()  # the token ids hashed: the block's (the sink tokens for a root)
 
     @property
     def nbytes(self) -> int:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .state import StateDict
+
 
 @dataclass(frozen=True)
 class RowSinkView:
@@ -121,3 +123,14 @@ class RowSinks:
 
     def clear(self) -> None:
         self.starts = self.key = self.value = None
+
+    def save_state(self, state: StateDict) -> None:
+        """``starts`` (batch,), ``keys`` and ``values`` (batch, kv_heads, sink_tokens, head_dim); absent
+        while no row is padded."""
+        state.put("starts", self.starts)
+        state.put("keys", self.key)
+        state.put("values", self.value)
+
+    def load_state(self, state: StateDict, device: torch.device | str) -> None:
+        self.starts = state.take("starts", device)
+        self.key, self.value = state.take("keys", device), state.take("values", device)

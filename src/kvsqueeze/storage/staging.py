@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from .exact_buffer import ExactBuffer
+from .state import StateDict
 
 Tokens = tuple[torch.Tensor, ...]
 """(keys, values[, positions]): keys and values (batch, kv_heads, n, head_dim), positions (batch,
@@ -86,3 +87,16 @@ class Staging:
     def clear(self) -> None:
         for buf in self.buffers():
             buf.clear()
+
+    def _named(self) -> list[tuple[str, ExactBuffer]]:
+        named = [("keys", self.key), ("values", self.value), ("positions", self.positions)]
+        return [(name, buf) for name, buf in named if buf is not None]
+
+    def save_state(self, state: StateDict) -> None:
+        """The waiting ``keys``, ``values`` (and ``positions``) buffers (`ExactBuffer.save_state`)."""
+        for name, buf in self._named():
+            buf.save_state(state.child(name))
+
+    def load_state(self, state: StateDict, device: torch.device | str) -> None:
+        for name, buf in self._named():
+            buf.load_state(state.child(name), device)

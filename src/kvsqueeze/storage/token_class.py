@@ -26,6 +26,7 @@ from .block_pool import BlockPool
 from .exact_buffer import ExactBuffer, ExactChunks
 from .pages import Page, PagedStore, SegmentTuple
 from .staging import Staging
+from .state import StateDict
 from .transform import PageTransform
 
 POSITIONS_STEP = 256  # tokens by which the position buffer of a pre-RoPE class grows
@@ -152,6 +153,22 @@ class PackedClass:
         for buf in self.buffers():
             buf.clear()
 
+    def save_state(self, state: StateDict) -> None:
+        """``keys`` and ``values`` (`PagedStore.save_state`), the ``staging`` buffer and, for a
+        pre-RoPE class, the packed tokens' ``positions``."""
+        self.pages_k.save_state(state.child("keys"))
+        self.pages_v.save_state(state.child("values"))
+        self.staging.save_state(state.child("staging"))
+        if self.positions is not None:
+            self.positions.save_state(state.child("positions"))
+
+    def load_state(self, state: StateDict, device: torch.device | str) -> None:
+        self.pages_k.load_state(state.child("keys"), device)
+        self.pages_v.load_state(state.child("values"), device)
+        self.staging.load_state(state.child("staging"), device)
+        if self.positions is not None:
+            self.positions.load_state(state.child("positions"), device)
+
 
 class ExactClass:
     """Exact keys and values of one class, (batch, kv_heads, tokens, head_dim) each, without padding."""
@@ -204,6 +221,15 @@ class ExactClass:
     def clear(self) -> None:
         for buf in self.buffers():
             buf.clear()
+
+    def save_state(self, state: StateDict) -> None:
+        """``keys`` and ``values`` (`ExactChunks.save_state`)."""
+        self.pages_k.save_state(state.child("keys"))
+        self.pages_v.save_state(state.child("values"))
+
+    def load_state(self, state: StateDict, device: torch.device | str) -> None:
+        self.pages_k.load_state(state.child("keys"), device)
+        self.pages_v.load_state(state.child("values"), device)
 
 
 def token_class(
