@@ -508,3 +508,18 @@ def test_models_report_the_longest_sequence_the_budget_holds(budget):
     assert too_long.status_code == 400
     message = too_long.json()["error"]["message"]
     assert ("KV budget" in message) == (budget is not None), message
+
+
+def test_a_burst_into_an_idle_server_fills_free_slots_before_the_queue():
+    """max_num_seqs 1, max_waiting 1, four requests at once into an idle server: one runs, one waits,
+    two get 429 — the request that takes the free running slot is not counted as waiting."""
+    with serving(tiny_engine("k4v4", max_num_seqs=1), max_waiting=1) as server:
+        body = {"model": TINY_NAME, "prompt": "Hi", "max_tokens": 1000}
+        with ThreadPoolExecutor(4) as pool:
+            opened = list(pool.map(lambda _: _stream(server, body), range(4)))
+        codes = sorted(response.status_code for _, response in opened)
+        for session, response in opened:
+            response.close()
+            session.close()
+        assert codes == [200, 200, 429, 429], codes
+        assert_idle(server)

@@ -6,7 +6,8 @@ step's outputs to the event loop with ``loop.call_soon_threadsafe``, which fills
 per request. The event loop never touches the engine.
 
 - Admission: at most ``max_waiting`` requests wait (added but not yet scheduled, as the engine
-  counts them, plus those not yet handed to it); one more raises `QueueFull` with a Retry-After.
+  counts them, plus those not yet handed to it, less the engine's free running slots, which take
+  them at once); one more raises `QueueFull` with a Retry-After.
 - ``request_timeout`` seconds after arrival a request is aborted and its stream raises
   `RequestTimeout`; `RequestStream.abort` (a client that left) frees it at the next step.
 - An exception inside one request (its ``add_request``, an ``error`` output) fails that request
@@ -113,6 +114,8 @@ class AsyncEngine:
             )
         self.engine = engine
         self.max_waiting = max_waiting
+        scheduler = getattr(engine, "scheduler", None)
+        self._max_num_seqs = getattr(scheduler, "max_num_seqs", 0)  # running slots (0: unknown, none counted)
         self.request_timeout = request_timeout
         self.metrics = metrics
         self.stats = engine.stats()  # the latest snapshot, updated from the loop thread
@@ -158,7 +161,9 @@ class AsyncEngine:
         RequestFailed (any other error of ``add_request``)."""
         if not self.alive:
             raise EngineStopped("the server is shutting down; no new requests are taken")
-        if self.num_waiting >= self.max_waiting:
+        # requests that free running slots take at once do not wait (a burst into an idle server)
+        free_slots = max(0, self._max_num_seqs - self.stats.num_running)
+        if self.num_waiting - free_slots >= self.max_waiting:
             raise QueueFull(self.num_waiting, max(1, min(60, math.ceil(self._mean_latency))))
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already running")
