@@ -9,6 +9,14 @@ is allowed (exit code 2). Binds 127.0.0.1 unless ``--host`` says otherwise; a no
 without ``--api-key`` is served with a warning. The key may come from ``KVSQUEEZE_API_KEY`` (so that
 it is not visible in the process list). Ctrl-C or SIGTERM stop taking connections, let running
 requests finish (up to ``--drain-timeout`` seconds) and exit.
+
+kvsqueeze serve --replicas 2 --port 8000          # needs the ray extra: pip install 'kvsqueeze[ray]'
+
+With ``--replicas N`` the engine runs as N Ray Serve replicas (a local Ray cluster of N x
+``--cpus-per-replica`` CPUs, or the one at ``--ray-address``) behind one endpoint on HOST:PORT, each
+replica a whole ``kvsqueeze serve`` app with its own KV pool and ``--kv-budget``; requests are
+routed by ``--routing`` (default ``prefix``: the hash of the prompt's first ``--affinity-blocks``
+blocks picks the replica, `serve.replicas.affinity`).
 """
 
 from __future__ import annotations
@@ -18,7 +26,10 @@ import ipaddress
 import logging
 import math
 import os
+import signal
 import socket
+import time
+from typing import Any
 
 from .common import RunFailed, console, load_model_config
 from .kv_args import KVChoice, add_kv_arguments
@@ -76,7 +87,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="log prompts and outputs (default: only their token counts)",
     )
+    replicas = cmd.add_argument_group("replicas (Ray Serve; needs pip install 'kvsqueeze[ray]')")
+    replicas.add_argument(
+        "--replicas", type=int, metavar="N",
+        help="serve N engine replicas on Ray Serve behind one endpoint (default: one engine in this process)",
+    )  # fmt: skip
+    replicas.add_argument(
+        "--routing", default="prefix", choices=[p.value for p in _policies()],
+        help="how a request picks its replica: prefix affinity (default), random or least_loaded",
+    )  # fmt: skip
+    replicas.add_argument(
+        "--affinity-blocks", type=int, default=4, metavar="K",
+        help="prefix routing hashes the prompt's first K KV blocks (after the sink tokens)",
+    )  # fmt: skip
+    replicas.add_argument(
+        "--cpus-per-replica", type=float, default=1.0, metavar="CPUS",
+        help="CPUs Ray reserves for each replica (also its torch threads)",
+    )  # fmt: skip
+    replicas.add_argument(
+        "--ray-address", metavar="ADDRESS", help="join this Ray cluster instead of starting a local one"
+    )
     cmd.set_defaults(func=run)
+
+
+def _policies() -> list:
+    from ..serve.replicas.affinity import Policy
+
+    return list(Policy)
 
 
 def check_flags(args: argparse.Namespace) -> int | None:
@@ -91,6 +128,14 @@ def check_flags(args: argparse.Namespace) -> int | None:
     for flag, value in (("--request-timeout", args.request_timeout), ("--drain-timeout", args.drain_timeout)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{flag}: {value} is not allowed; allowed: seconds > 0, e.g. 60")
+    if args.replicas is not None and args.replicas < 1:
+        raise ValueError(f"--replicas: {args.replicas} is not allowed; allowed: an integer >= 1")
+    if args.affinity_blocks < 1:
+        raise ValueError(
+            f"--affinity-blocks: {args.affinity_blocks} is not allowed; allowed: an integer >= 1"
+        )
+    if not (math.isfinite(args.cpus_per_replica) and args.cpus_per_replica > 0):
+        raise ValueError(f"--cpus-per-replica: {args.cpus_per_replica} is not allowed; allowed: a number > 0")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key: it is empty; allowed: a non-empty key (or omit it for no key)")
     if args.served_model_name is not None and not args.served_model_name.strip():
@@ -137,6 +182,8 @@ def run(args: argparse.Namespace) -> None:
         raise RunFailed(
             f"serving needs {', '.join(missing)}; install them with: pip install 'kvsqueeze[serve]'"
         )
+    if args.replicas is not None and not _importable("ray"):
+        raise RunFailed("--replicas needs Ray Serve; install it with: pip install 'kvsqueeze[ray]'")
     choice = KVChoice.from_args(args, DEFAULT_KV)
     choice.check()
     model_config = load_model_config("--model", args.model)
@@ -146,6 +193,9 @@ def run(args: argparse.Namespace) -> None:
         console.print(
             f"[yellow]warning:[/yellow] serving on {args.host} without --api-key: anyone who can reach it may use it"
         )
+
+    if args.replicas is not None:
+        return _run_replicas(args, kv, budget)
 
     import uvicorn
 
@@ -174,6 +224,49 @@ def run(args: argparse.Namespace) -> None:
     uvicorn.run(
         app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.drain_timeout
     )
+
+
+def _run_replicas(args: argparse.Namespace, kv: Any, budget: int | None) -> None:
+    """Serve ``--replicas`` engine replicas on Ray Serve until Ctrl-C or SIGTERM."""
+    from ..serve.replicas import EngineSpec, ReplicaConfig
+    from ..serve.replicas.app import start, stop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = args.served_model_name or args.model
+    engine = EngineSpec(
+        kwargs={"model": args.model, "kv": kv.source, "kv_budget": budget, "max_num_seqs": args.max_num_seqs,
+                "model_name": name}
+    )  # fmt: skip
+    app = {"model_names": [name], "api_key": args.api_key, "max_waiting": args.max_waiting,
+           "request_timeout": args.request_timeout, "log_prompts": args.log_prompts,
+           "drain_timeout": args.drain_timeout}  # fmt: skip
+    config = ReplicaConfig(
+        engine=engine, app=app, num_replicas=args.replicas, num_cpus=args.cpus_per_replica,
+        routing=args.routing, affinity_blocks=args.affinity_blocks,
+    )  # fmt: skip
+    console.print(
+        f"[dim]starting {args.replicas} replica(s) of {args.model} with --kv {kv.label}, KV budget "
+        f"{args.kv_budget} each, routing {args.routing}...[/dim]"
+    )
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        url = start(config, host=args.host, port=args.port, address=args.ray_address)
+        console.print(
+            f"[green]serving[/green] {name} on {url}/v1 with {args.replicas} replica(s) "
+            f"({'API key required' if args.api_key else 'no API key'}; /health, /metrics per replica)"
+        )
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("[dim]stopping the replicas...[/dim]")
+    except RuntimeError as err:
+        raise RunFailed(str(err)) from None
+    finally:
+        stop(shutdown_cluster=args.ray_address is None)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _importable(module: str) -> bool:

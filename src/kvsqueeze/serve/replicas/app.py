@@ -114,11 +114,16 @@ def wait_running(num_replicas: int, wait_s: float, app_name: str = APP_NAME) -> 
         time.sleep(0.5)
 
 
-def stop() -> None:
-    """Shut Serve and the Ray cluster this process started down."""
+def stop(shutdown_cluster: bool = True) -> None:
+    """Shut Serve and the local Ray cluster down (``shutdown_cluster``), or only delete this application
+    and disconnect (a cluster joined with ``address``)."""
     import ray
     from ray import serve
 
-    if ray.is_initialized():
+    if not ray.is_initialized():
+        return
+    if shutdown_cluster:
         serve.shutdown()
-        ray.shutdown()
+    else:
+        serve.delete(APP_NAME)
+    ray.shutdown()

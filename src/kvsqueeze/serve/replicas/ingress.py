@@ -11,7 +11,7 @@ app answers it; the ingress only picks the replica and relays the answer:
   replica; ``/metrics`` are that replica's (named by the ``x-kvsqueeze-replica`` header).
 
 Failures: a replica that dies before its answer started is replaced by another, up to
-``retries`` times, then 503 ``replica_unavailable``; a stream whose replica dies midway ends with an
+``retries`` times (the answer then says ``x-kvsqueeze-retries: n``), then 503 ``replica_unavailable``; a stream whose replica dies midway ends with an
 error event and ``[DONE]``; no answer within ``timeout_s`` (a stream: between two chunks) is 504
 ``timeout``; Ray Serve's backpressure is 503 (or 429) with Retry-After.
 
@@ -38,6 +38,7 @@ from .config import ReplicaConfig
 log = logging.getLogger("kvsqueeze.serve")
 GENERATION_PATHS = {"/v1/completions": p.CompletionRequest, "/v1/chat/completions": p.ChatCompletionRequest}
 SHORT_TIMEOUT_S = 10.0  # GET requests (health, models, metrics) wait at most this long for a replica
+RETRIES_HEADER = "x-kvsqueeze-retries"  # on an answer that another replica gave after one died
 DROPPED_HEADERS = {b"content-length", b"transfer-encoding", b"connection", b"date", b"server"}
 
 api = FastAPI(title="kvsqueeze replicas", docs_url=None, redoc_url=None, openapi_url=None)
@@ -154,6 +155,8 @@ class Ingress:
                 if not isinstance(head, HTTPHead):
                     raise RuntimeError(f"the replica answered {type(head).__name__} before its head")
                 headers = _headers(head)
+                if attempt:
+                    headers[RETRIES_HEADER] = str(attempt)
                 if (head.header("content-type") or "").startswith("text/event-stream"):
                     return StreamingResponse(self._relay(stream, timeout), head.status, headers=headers)
                 chunks = []
