@@ -136,6 +136,16 @@ def test_from_dict_reads_a_serve_config_and_refuses_unknown_keys():
         ReplicaConfig.from_dict({"engine": {"factory": "kvsqueeze.engine:LLMEngine", "kv": "k4v4"}})
 
 
+def test_serve_run_string_arguments_are_read_as_json():
+    from kvsqueeze.serve.replicas.app import parse_args
+
+    args = parse_args({"num_replicas": "3", "routing": "random", "engine": '{"model": "m", "kv": "k4v4"}',
+                       "timeout_s": 60})  # fmt: skip
+    config = ReplicaConfig.from_dict(args)
+    assert config.num_replicas == 3 and config.routing is Policy.RANDOM and config.timeout_s == 60
+    assert config.engine.kwargs == {"model": "m", "kv": "k4v4"}
+
+
 # ---- the bridge into a replica's app -----------------------------------------------------------------
 
 

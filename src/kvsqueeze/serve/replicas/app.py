@@ -8,6 +8,8 @@ Ray and serves until interrupted (``kvsqueeze serve --replicas N``).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -49,8 +51,21 @@ def build_app(config: ReplicaConfig) -> Any:
 
 
 def app_builder(args: Mapping[str, Any]) -> Any:
-    """`build_app` of ``ReplicaConfig.from_dict(args)``, for ``serve run`` and Serve config files."""
-    return build_app(ReplicaConfig.from_dict(args))
+    """`build_app` of ``ReplicaConfig.from_dict(args)``, for Serve config files and ``serve run``,
+    whose ``key=value`` arguments arrive as strings: `parse_args` reads them as JSON when they are."""
+    return build_app(ReplicaConfig.from_dict(parse_args(args)))
+
+
+def parse_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """``args`` with every string that is JSON (``"2"``, ``'{"model": "smollm2-135m"}'``) decoded; other
+    strings (``"prefix"``) and non-strings unchanged."""
+    out = {}
+    for key, value in args.items():
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = json.loads(value)
+        out[key] = value
+    return out
 
 
 def ray_installed() -> bool:
