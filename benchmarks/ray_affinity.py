@@ -2,7 +2,7 @@
 
     python benchmarks/ray_affinity.py [--model smollm2-135m] [--kv k4v4] [--system-tokens 1500]
         [--prompts 4] [--turns 32] [--user-tokens 24] [--output-tokens 8] [--concurrency 4]
-        [--runs prefix,random,single] [--affinity-blocks 4] [--text-file PATH]
+        [--runs prefix,random,single] [--affinity-blocks 4] [--max-imbalance 4] [--text-file PATH]
 
 Workload: ``--prompts`` distinct system prompts of ``--system-tokens`` tokens (WikiText-2 raw test at
 distinct offsets) x ``--turns`` user turns each (``--user-tokens`` tokens, distinct), sent as chat
@@ -192,6 +192,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--output-tokens", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--affinity-blocks", type=int, default=4)
+    ap.add_argument("--max-imbalance", type=int, default=4, help="prefix routing: see ReplicaConfig")
     ap.add_argument("--runs", default="prefix,random,single", help=f"comma-separated, of {list(RUNS)}")
     ap.add_argument("--text-file", type=Path, default=DEFAULT_TEXT)
     ap.add_argument("--request-timeout", type=float, default=300.0)
@@ -235,7 +236,7 @@ def main() -> None:
                 engine=EngineSpec(kwargs={"model": args.model, "kv": args.kv, "kv_budget": args.kv_budget,
                                           "model_name": args.model}),  # fmt: skip
                 num_replicas=replicas, num_cpus=cpus, routing=routing, affinity_blocks=args.affinity_blocks,
-                timeout_s=args.request_timeout,
+                max_imbalance=args.max_imbalance, timeout_s=args.request_timeout,
             )  # fmt: skip
             console.print(f"[dim]{name}: starting {replicas} replica(s), routing {routing} ...[/dim]")
             if i == 0:

@@ -119,6 +119,8 @@ def test_bad_input_is_the_replicas_400(client):
     assert err.value.body["param"] == "temperature"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="other", prompt=PREFIX, max_tokens=4)
+    huge = httpx.post(f"{client.base_url}completions", content=b"x" * (8 * 2**20 + 1), timeout=WAIT)
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
 
 
 def test_same_prefix_same_replica_and_its_cache(url):

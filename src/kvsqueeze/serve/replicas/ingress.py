@@ -5,15 +5,17 @@ app answers it; the ingress only picks the replica and relays the answer:
 
 - ``POST /v1/completions`` and ``/v1/chat/completions``: the prompt is tokenized here with the
   replicas' tokenizer (chat through its template) and the hash of its first blocks
-  (`affinity.prefix_key`) travels as the call's ``prefix_key`` for `router.PrefixAffinityRouter`; a body that does not parse gets
-  no key (the replica's app answers it with the 400 naming the field).
+  (`affinity.prefix_key`) travels as the call's ``prefix_key`` for `router.PrefixAffinityRouter`;
+  a body that does not parse gets no key (the replica's app answers it with the 400 naming the
+  field).
 - Anything else (``/v1/models``, ``/health``, ``/metrics``, unknown paths) goes to the least loaded
   replica; ``/metrics`` are that replica's (named by the ``x-kvsqueeze-replica`` header).
 
-Failures: a replica that dies before its answer started is replaced by another, up to
-``retries`` times (the answer then says ``x-kvsqueeze-retries: n``), then 503 ``replica_unavailable``; a stream whose replica dies midway ends with an
-error event and ``[DONE]``; no answer within ``timeout_s`` (a stream: between two chunks) is 504
-``timeout``; Ray Serve's backpressure is 503 (or 429) with Retry-After.
+Failures: a replica that dies before its answer started is replaced by another, up to ``retries``
+times (the answer then says ``x-kvsqueeze-retries: n``), then 503 ``replica_unavailable``; a
+stream whose replica dies midway ends with an error event and ``[DONE]``; no answer within
+``timeout_s`` (a stream: between two chunks; GET requests: 10 s) is 504 ``timeout``; Ray Serve's
+backpressure is 503 (or 429) with Retry-After; a body over ``max_body_bytes`` is 413.
 
 (No ``from __future__ import annotations`` here: FastAPI must see the route's real annotations.)
 """
@@ -101,8 +103,10 @@ class Ingress:
 
     @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
     async def relay(self, request: Request, path: str) -> Response:
-        body = await request.body()
-        if len(body) > self.max_body:
+        declared = request.headers.get("content-length", "")
+        too_large = declared.isdigit() and int(declared) > self.max_body  # refused before reading it
+        body = b"" if too_large else await request.body()
+        if too_large or len(body) > self.max_body:
             return _error(413, f"the body is larger than {self.max_body:,} bytes", "request_too_large")
         forwarded = HTTPRequest(
             request.method, request.url.path, request.url.query.encode(), tuple(request.headers.raw), body
