@@ -146,6 +146,21 @@ def test_serve_run_string_arguments_are_read_as_json():
     assert config.engine.kwargs == {"model": "m", "kv": "k4v4"}
 
 
+def test_the_documented_serve_config_is_a_valid_replica_config():
+    yaml = pytest.importorskip("yaml")
+    from pathlib import Path
+
+    doc = yaml.safe_load((Path(__file__).parents[1] / "docs" / "serve_replicas.yaml").read_text())
+    app = doc["applications"][0]
+    assert app["import_path"] == "kvsqueeze.serve.replicas:app_builder"
+    config = ReplicaConfig.from_dict(app["args"])
+    assert (
+        config.num_replicas == 2
+        and config.engine.kwargs["kv"] == "k4v4"
+        and config.app == {"max_waiting": 64}
+    )
+
+
 # ---- the bridge into a replica's app -----------------------------------------------------------------
 
 

@@ -250,7 +250,7 @@ def _run_replicas(args: argparse.Namespace, kv: Any, budget: int | None) -> None
     )
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        url = start(config, host=args.host, port=args.port, address=args.ray_address)
+        url = start(config, host=args.host, port=args.port, address=args.ray_address, log_to_driver=True)
         console.print(
             f"[green]serving[/green] {name} on {url}/v1 with {args.replicas} replica(s) "
             f"({'API key required' if args.api_key else 'no API key'}; /health, /metrics per replica)"

@@ -88,10 +88,12 @@ def start(
     address: str | None = None,
     object_store_bytes: int = 256 * 2**20,
     wait_s: float = 600.0,
+    log_to_driver: bool = False,
 ) -> str:
     """Start (or join, with ``address``) a Ray cluster, serve ``config`` on ``host:port`` and wait until
     every replica is running (RuntimeError after ``wait_s`` seconds); returns the endpoint URL. A local
-    cluster gets ``num_cpus`` (default: what the replicas reserve) and no dashboard."""
+    cluster gets ``num_cpus`` (default: what the replicas reserve) and no dashboard; the replicas' logs
+    reach this process's stderr with ``log_to_driver``."""
     require_ray()
     import ray
     from ray import serve
@@ -100,7 +102,7 @@ def start(
         if address is None:
             cpus = num_cpus if num_cpus is not None else config.num_replicas * config.num_cpus
             ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=object_store_bytes,
-                     log_to_driver=False)  # fmt: skip
+                     log_to_driver=log_to_driver)  # fmt: skip
         else:
             ray.init(address=address)
     serve.start(http_options={"host": host, "port": port})
