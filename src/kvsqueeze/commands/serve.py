@@ -248,9 +248,9 @@ def _run_replicas(args: argparse.Namespace, kv: Any, budget: int | None) -> None
         f"[dim]starting {args.replicas} replica(s) of {args.model} with --kv {kv.label}, KV budget "
         f"{args.kv_budget} each, routing {args.routing}...[/dim]"
     )
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
         url = start(config, host=args.host, port=args.port, address=args.ray_address, log_to_driver=True)
+        signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own
         console.print(
             f"[green]serving[/green] {name} on {url}/v1 with {args.replicas} replica(s) "
             f"({'API key required' if args.api_key else 'no API key'}; /health, /metrics per replica)"
