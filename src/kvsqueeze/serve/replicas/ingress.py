@@ -63,6 +63,14 @@ async def _next(stream: Any, timeout: float) -> HTTPHead | bytes | None:
         ) from None
 
 
+def _prompt_ids(tokenizer: Any, req: Any) -> list[int]:
+    """Token ids of a generation request's prompt, as the replica's engine will see them."""
+    if isinstance(req, p.ChatCompletionRequest):
+        return chat_prompt_ids(tokenizer, req)
+    prompt = req.single_prompt()
+    return prompt if isinstance(prompt, list) else list(tokenizer(prompt)["input_ids"])
+
+
 def _headers(head: HTTPHead) -> dict[str, str]:
     return {
         k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers if k.lower() not in DROPPED_HEADERS
@@ -125,14 +133,9 @@ class Ingress:
         layout = await self._layout_of_replicas()
         if layout is None:
             return None
-        try:
+        try:  # tokenized off the event loop, as the replicas' app does (a long prompt takes a while)
             req = p.parse_request(request.body, cls)
-            tokenizer = layout["tokenizer"]
-            if cls is p.ChatCompletionRequest:
-                ids = chat_prompt_ids(tokenizer, req)
-            else:
-                prompt = req.single_prompt()
-                ids = prompt if isinstance(prompt, list) else list(tokenizer(prompt)["input_ids"])
+            ids = await asyncio.to_thread(_prompt_ids, layout["tokenizer"], req)
         except Exception:  # bad input: no key; the replica's app answers with the error naming the field
             return None
         return prefix_key(ids, layout["sink_tokens"], layout["block_size"], self.config.affinity_blocks)
