@@ -10,6 +10,14 @@ is allowed (exit code 2). Binds 127.0.0.1 unless ``--host`` says otherwise; a no
 without ``--api-key`` is served with a warning. The key may come from ``KVSQUEEZE_API_KEY`` (so that
 it is not visible in the process list). Ctrl-C or SIGTERM stop taking connections, let running
 requests finish (up to ``--drain-timeout`` seconds) and exit.
+
+kvsqueeze serve --replicas 2 --port 8000          # needs the ray extra: pip install 'kvsqueeze[ray]'
+
+With ``--replicas N`` the engine runs as N Ray Serve replicas (a local Ray cluster of N x
+``--cpus-per-replica`` CPUs, or the one at ``--ray-address``) behind one endpoint on HOST:PORT, each
+replica a whole ``kvsqueeze serve`` app with its own KV pool and ``--kv-budget``; requests are
+routed by ``--routing`` (default ``prefix``: the hash of the prompt's first ``--affinity-blocks``
+blocks picks the replica, `serve.replicas.affinity`).
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ import ipaddress
 import logging
 import math
 import os
+import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +96,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="log prompts and outputs (default: only their token counts)",
     )
+    replicas = cmd.add_argument_group("replicas (Ray Serve; needs pip install 'kvsqueeze[ray]')")
+    replicas.add_argument(
+        "--replicas", type=int, metavar="N",
+        help="serve N engine replicas on Ray Serve behind one endpoint (default: one engine in this process)",
+    )  # fmt: skip
+    replicas.add_argument(
+        "--routing", default="prefix", choices=[p.value for p in _policies()],
+        help="how a request picks its replica: prefix affinity (default), random or least_loaded",
+    )  # fmt: skip
+    replicas.add_argument(
+        "--affinity-blocks", type=int, default=4, metavar="K",
+        help="prefix routing hashes the prompt's first K KV blocks (after the sink tokens)",
+    )  # fmt: skip
+    replicas.add_argument(
+        "--cpus-per-replica", type=float, default=1.0, metavar="CPUS",
+        help="CPUs Ray reserves for each replica (also its torch threads)",
+    )  # fmt: skip
+    replicas.add_argument(
+        "--ray-address", metavar="ADDRESS", help="join this Ray cluster instead of starting a local one"
+    )
     cmd.set_defaults(func=run)
+
+
+def _policies() -> list:
+    from ..serve.replicas.affinity import Policy
+
+    return list(Policy)
 
 
 def check_flags(args: argparse.Namespace) -> int | None:
@@ -101,10 +137,23 @@ def check_flags(args: argparse.Namespace) -> int | None:
     for flag, value in (("--request-timeout", args.request_timeout), ("--drain-timeout", args.drain_timeout)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{flag}: {value} is not allowed; allowed: seconds > 0, e.g. 60")
+    if args.replicas is not None and args.replicas < 1:
+        raise ValueError(f"--replicas: {args.replicas} is not allowed; allowed: an integer >= 1")
+    if args.affinity_blocks < 1:
+        raise ValueError(
+            f"--affinity-blocks: {args.affinity_blocks} is not allowed; allowed: an integer >= 1"
+        )
+    if not (math.isfinite(args.cpus_per_replica) and args.cpus_per_replica > 0):
+        raise ValueError(f"--cpus-per-replica: {args.cpus_per_replica} is not allowed; allowed: a number > 0")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key: it is empty; allowed: a non-empty key (or omit it for no key)")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise ValueError("--served-model-name: it is empty; allowed: a name, e.g. my-model")
+    if args.prompt_cache_dir is not None and args.replicas is not None:
+        raise ValueError(
+            "--prompt-cache-dir: not supported with --replicas yet (each replica would need the directory); "
+            "allowed: one of the two"
+        )
     if args.prompt_cache_dir is not None and not Path(args.prompt_cache_dir).expanduser().is_dir():
         what = "is not a directory" if Path(args.prompt_cache_dir).expanduser().exists() else "does not exist"
         raise ValueError(
@@ -153,6 +202,8 @@ def run(args: argparse.Namespace) -> None:
         raise RunFailed(
             f"serving needs {', '.join(missing)}; install them with: pip install 'kvsqueeze[serve]'"
         )
+    if args.replicas is not None and not _importable("ray"):
+        raise RunFailed("--replicas needs Ray Serve; install it with: pip install 'kvsqueeze[ray]'")
     choice = KVChoice.from_args(args, DEFAULT_KV)
     choice.check()
     model_config = load_model_config("--model", args.model)
@@ -162,6 +213,9 @@ def run(args: argparse.Namespace) -> None:
         console.print(
             f"[yellow]warning:[/yellow] serving on {args.host} without --api-key: anyone who can reach it may use it"
         )
+
+    if args.replicas is not None:
+        return _run_replicas(args, kv, budget)
 
     import uvicorn
 
@@ -227,6 +281,49 @@ def save_prefix_cache(engine: Any, folder: Path) -> None:
         logging.getLogger("kvsqueeze.serve").error("prefix cache not saved to %s: %s", path, err)
         return
     logging.getLogger("kvsqueeze.serve").info("prefix cache: %d blocks saved to %s", n, path)
+
+
+def _run_replicas(args: argparse.Namespace, kv: Any, budget: int | None) -> None:
+    """Serve ``--replicas`` engine replicas on Ray Serve until Ctrl-C or SIGTERM."""
+    from ..serve.replicas import EngineSpec, ReplicaConfig
+    from ..serve.replicas.app import start, stop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = args.served_model_name or args.model
+    engine = EngineSpec(
+        kwargs={"model": args.model, "kv": kv.source, "kv_budget": budget, "max_num_seqs": args.max_num_seqs,
+                "model_name": name}
+    )  # fmt: skip
+    app = {"model_names": [name], "api_key": args.api_key, "max_waiting": args.max_waiting,
+           "request_timeout": args.request_timeout, "log_prompts": args.log_prompts,
+           "drain_timeout": args.drain_timeout}  # fmt: skip
+    config = ReplicaConfig(
+        engine=engine, app=app, num_replicas=args.replicas, num_cpus=args.cpus_per_replica,
+        routing=args.routing, affinity_blocks=args.affinity_blocks,
+    )  # fmt: skip
+    console.print(
+        f"[dim]starting {args.replicas} replica(s) of {args.model} with --kv {kv.label}, KV budget "
+        f"{args.kv_budget} each, routing {args.routing}...[/dim]"
+    )
+    try:
+        url = start(config, host=args.host, port=args.port, address=args.ray_address, log_to_driver=True)
+        signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own
+        console.print(
+            f"[green]serving[/green] {name} on {url}/v1 with {args.replicas} replica(s) "
+            f"({'API key required' if args.api_key else 'no API key'}; /health, /metrics per replica)"
+        )
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("[dim]stopping the replicas...[/dim]")
+    except RuntimeError as err:
+        raise RunFailed(str(err)) from None
+    finally:
+        stop(shutdown_cluster=args.ray_address is None)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _importable(module: str) -> bool:

@@ -209,25 +209,17 @@ class _Serving:
 
     def _prompt(self, req: Any, chat: bool) -> tuple[list[int], int]:
         """The engine's prompt as token ids (text through the engine's tokenizer, chat through the chat
-        template) and its length. The engine thread uses the tokenizer meanwhile: encoding without
-        truncation or padding only reads the Rust tokenizer's state, so both may run at once. Raises
-        APIError 400 naming ``prompt`` (empty, ids outside the vocabulary) or ``messages``."""
-        tokenizer = self.engine.tokenizer
+        template, `chat_prompt_ids`) and its length. The engine thread uses the tokenizer meanwhile:
+        encoding without truncation or padding only reads the Rust tokenizer's state, so both may run
+        at once. Raises APIError 400 naming ``prompt`` (empty, ids outside the vocabulary) or
+        ``messages``."""
         if not chat:
             try:
                 ids = self.engine.encode(req.single_prompt())
             except ValueError as err:
                 raise self._engine_refusal(err, "prompt") from None
             return ids, len(ids)
-        if not getattr(tokenizer, "chat_template", None):
-            raise p.bad_request(
-                "messages", "this model's tokenizer has no chat template; use /v1/completions"
-            )
-        try:
-            text = tokenizer.apply_chat_template(req.chat(), add_generation_prompt=True, tokenize=False)
-        except Exception as err:  # jinja's TemplateError: e.g. roles that do not alternate
-            raise p.bad_request("messages", f"the chat template refused them ({err})") from None
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        ids = chat_prompt_ids(self.engine.tokenizer, req)
         return ids, len(ids)
 
     def _params(self, req: Any, chat: bool, num_prompt: int) -> Any:
@@ -342,6 +334,18 @@ class _Serving:
                 log.info("%s: client left, aborted", envelope.id)
             stream.abort()
         yield p.sse("[DONE]")
+
+
+def chat_prompt_ids(tokenizer: Any, req: p.ChatCompletionRequest) -> list[int]:
+    """Token ids of a chat request's messages through ``tokenizer``'s chat template (with the generation
+    prompt). Raises `protocol.APIError` 400 naming ``messages`` (no template, or the template refused them)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise p.bad_request("messages", "this model's tokenizer has no chat template; use /v1/completions")
+    try:
+        text = tokenizer.apply_chat_template(req.chat(), add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # jinja's TemplateError: e.g. roles that do not alternate
+        raise p.bad_request("messages", f"the chat template refused them ({err})") from None
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _stream_error(err: Exception) -> p.APIError:
