@@ -143,6 +143,7 @@ def _replica_actor(replica_id: str):
 def test_replica_killed_under_load_fails_cleanly_and_recovers(url, client):
     victim = post(url, PREFIX + " who?").headers[REPLICA]  # PREFIX's replica: where the load goes
     outcomes: list[str] = []
+    in_flight: list[str] = []  # the killer's own stream, mid-answer when the replica is killed
     lock = threading.Lock()
     done = threading.Event()
 
@@ -176,8 +177,23 @@ def test_replica_killed_under_load_fails_cleanly_and_recovers(url, client):
         end = time.monotonic() + WAIT
         while len(outcomes) < 2 and time.monotonic() < end:  # some done, more in flight
             time.sleep(0.05)
+        # a stream of the victim's prefix, killed once it is mid-answer: the kill surely reaches a
+        # request in flight (the load's own requests may all have finished, or not begun, by then)
+        stream = client.completions.create(
+            model=TINY_NAME, prompt=PREFIX + " last?", max_tokens=600, temperature=0, stream=True
+        )
+        chunks = iter(stream)
+        next(chunks)
         ray.kill(_replica_actor(victim), no_restart=True)
         done.set()
+        try:
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            outcome = "ok" if text else "empty"
+        except openai.APIError as err:  # the error event that ends a stream cut midway
+            outcome = f"stream error {(err.body or {}).get('code') if isinstance(err.body, dict) else err}"
+        with lock:
+            outcomes.append(outcome)
+            in_flight.append(outcome)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
@@ -192,7 +208,7 @@ def test_replica_killed_under_load_fails_cleanly_and_recovers(url, client):
     clear = {"ok", "ok retried", "status 503 replica_unavailable", "stream error replica_unavailable"}
     assert set(counts) <= clear, counts
     assert counts["ok"] + counts["ok retried"] >= 12, counts
-    assert len(counts) > 1, counts  # the kill reached requests in flight (retried or failed)
+    assert in_flight == ["stream error replica_unavailable"], in_flight  # cut midway: a clear error event
     wait_running(2, START_SECONDS)  # Serve replaced the killed replica
     answer = post(url, PREFIX + " after?")
     assert answer.status_code == 200 and answer.headers[REPLICA] != victim
