@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from test_serve_harness import TINY_NAME, free_port, serving, tiny_engine
+from test_serve_harness import TINY_NAME, free_port, serving, tiny_engine, wait_healthy
 from tiny import prompt_ids, tiny_llama
 
 from kvsqueeze import KVPool, SqueezedCache
@@ -164,15 +163,7 @@ def test_serve_process_saves_at_sigint_and_warms_from_the_file_next_start(tiny_l
         with open(log, "wb") as sink:
             process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
             try:
-                end = time.monotonic() + 180
-                while True:
-                    assert process.poll() is None, log.read_text()
-                    assert time.monotonic() < end, "the server did not come up"
-                    try:
-                        if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        time.sleep(0.2)
+                wait_healthy(process, port, log, 180)
                 body = {"model": str(tiny_llama_dir), "prompt": prompt, "max_tokens": 2, "temperature": 0}
                 reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
                 process.send_signal(signal.SIGINT)

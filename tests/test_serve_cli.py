@@ -10,15 +10,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 
 from kvsqueeze.cli import main
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
+
+from test_serve_harness import wait_healthy  # noqa: E402
 
 START_SECONDS = 180
 PROMPT = "Name three colours of the rainbow, please."
@@ -80,15 +80,7 @@ def test_serve_process_answers_and_stops_on_sigint(tiny_llama_dir, tmp_path):
     with open(log, "wb") as sink:
         process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
         try:
-            end = time.monotonic() + START_SECONDS
-            while True:
-                assert process.poll() is None, log.read_text()
-                assert time.monotonic() < end, "the server did not come up"
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.2)
+            wait_healthy(process, port, log, START_SECONDS)
             client = openai.OpenAI(
                 base_url=f"http://127.0.0.1:{port}/v1", api_key="k3y", max_retries=0, timeout=60
             )

@@ -144,3 +144,17 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{key}="{val}"' in rest for key, val in labels.items()):
             return float(value)
     raise AssertionError(f"{name} {labels} not in /metrics")
+
+
+def wait_healthy(process: Any, port: int, log: Any, seconds: float) -> None:
+    """Wait until the server subprocess ``process`` answers /health on 127.0.0.1:``port`` with 200;
+    fail with its ``log`` (a Path) when it exits or ``seconds`` pass first."""
+    end = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < end, "the server did not come up"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)

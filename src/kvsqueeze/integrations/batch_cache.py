@@ -209,7 +209,7 @@ def ragged_attention(
         results = reader.attend([s[2] for s in short], scale)
         for (slot, store, _, k, v), out in zip(short, results, strict=True):
             outs[slot] = out
-            reader.store(store, k, v)
+            store.append_to_window(k, v)
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], None
 
 

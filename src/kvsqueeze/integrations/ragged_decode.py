@@ -18,8 +18,9 @@ case the short way, with the same result to the bit:
   description of the paged blocks (`kernels.sources.source_meta`) is kept per store and
   reused while its block table buffer, slabs and token count are unchanged (a decode step changes
   none of them); sinks, window and the new token are described afresh (two integers each).
-* `DecodeReader.store`: the token, rounded to the exact dtype once for the whole batch (one range
-  check per layer instead of one per sequence), is appended to the window.
+* Then the token, rounded to the exact dtype once for the whole batch (`DecodeReader.exact_states`:
+  one range check per layer instead of one per sequence), joins the window
+  (`LayerStore.append_to_window`).
 """
 
 from __future__ import annotations
@@ -36,9 +37,6 @@ from ..quant.paged import PagedPart
 from ..storage.layer import LayerStore
 from ..storage.pages import PagedStore
 from ..storage.placement import SequencePlacement
-
-_EXACT_ROW = (sources.EXACT, 0, 0, 1, 0)  # kind, bits, axis, group, mid; then data index, -1, -1, lut 0
-_NOT_PAGED = tuple(sources.NOT_PAGED)
 
 
 @dataclass
@@ -58,10 +56,6 @@ def _same(a: tuple, b: tuple) -> bool:
     return a[0] is b[0] and a[1] == b[1] and a[2] is b[2] and a[3] == b[3]
 
 
-def _exact_row(index: int) -> list[int]:
-    return [*_EXACT_ROW, index, -1, -1, 0, *_NOT_PAGED]
-
-
 class DecodeReader:
     """Reads one decode token per sequence of a layer with the native CPU kernel (see the module)."""
 
@@ -72,7 +66,7 @@ class DecodeReader:
         self._paged: weakref.WeakKeyDictionary[PagedStore, tuple] = weakref.WeakKeyDictionary()
 
     def eligible(self, layer: Any, query: torch.Tensor) -> bool:
-        """Whether `attend` and `store` serve ``layer`` (a `SqueezedLayer`) this step."""
+        """Whether `inputs` and `attend` serve ``layer`` (a `SqueezedLayer`) this step."""
         store = getattr(layer, "store", None)
         return (
             self.ext is not None
@@ -103,27 +97,21 @@ class DecodeReader:
         _, own, row = held
         base = len(tensors)
         tensors += own
-        if not base:
-            return row
-        shifted = list(row)
-        for field in (5, 6, 7, 9):  # data, scale, zero, table indices into the tensor list
-            if shifted[field] >= 0:
-                shifted[field] += base
-        return shifted
+        return sources.shift_row(row, base)
 
     def inputs(
         self, store: LayerStore, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> Problem:
         """The kernel's inputs for ``query`` (1, q_heads, 1, head_dim) over ``store``'s held tokens and
         the new ``key``, ``value`` (1, kv_heads, 1, head_dim, the model's dtype): ``[sinks | paged
-        blocks | window | new token]``, as the general path orders them. Read before `store`."""
+        blocks | window | new token]``, as the general path orders them. Call before the token is stored."""
         tensors: list[torch.Tensor] = []
         meta: list[int] = []
         tokens: list[int] = []
         sinks = store.sink_k.num_tokens
         if sinks:
             tensors += (store.sink_k.data, store.sink_v.data)
-            meta += _exact_row(0) + _exact_row(1)
+            meta += sources.exact_row(0) + sources.exact_row(1)
             tokens.append(sinks)
         history = store.placement.history
         row_k = self._paged_source(history.pages_k, tensors)
@@ -135,11 +123,11 @@ class DecodeReader:
         if window:
             n = len(tensors)
             tensors += (store.window.key.data, store.window.value.data)
-            meta += _exact_row(n) + _exact_row(n + 1)
+            meta += sources.exact_row(n) + sources.exact_row(n + 1)
             tokens.append(window)
         n = len(tensors)
         tensors += (key, value)
-        meta += _exact_row(n) + _exact_row(n + 1)
+        meta += sources.exact_row(n) + sources.exact_row(n + 1)
         tokens.append(1)
         return Problem(query if query.stride(-1) == 1 else query.contiguous(), tensors, meta, tokens)
 
@@ -165,8 +153,3 @@ class DecodeReader:
         if bool((states.abs() > limit).any()) and bool(torch.isfinite(states).all()):
             return None
         return states.to(dtype)
-
-    @staticmethod
-    def store(store: LayerStore, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Append the token ``key``, ``value`` (1, kv_heads, 1, head_dim, in the store's exact dtype)."""
-        store.append_to_window(key, value)

@@ -73,7 +73,7 @@ def source_meta(part: PackedTensor | ExactTensor | PagedPart, tensors: list[torc
     n = len(tensors)
     if isinstance(part, ExactTensor):
         tensors.append(part.values)
-        return [EXACT, 0, 0, 1, 0, n, -1, -1, 0, *NOT_PAGED]
+        return exact_row(n)
     kind, bits, axis, group, mid, lut = _spec_fields(part.spec)
     tensors.append(part.codes)
     tensors.append(part.scale)
@@ -81,6 +81,25 @@ def source_meta(part: PackedTensor | ExactTensor | PagedPart, tensors: list[torc
         return [kind, bits, axis, group, mid, n, n + 1, -1, lut, *NOT_PAGED]
     tensors.append(part.zero)
     return [kind, bits, axis, group, mid, n, n + 1, n + 2, lut, *NOT_PAGED]
+
+
+def exact_row(index: int) -> list[int]:
+    """The meta row of exact values at ``index`` of the tensor list (not paged)."""
+    return [EXACT, 0, 0, 1, 0, index, -1, -1, 0, *NOT_PAGED]
+
+
+_INDEX_FIELDS = tuple(META_FIELDS.index(f) for f in ("data", "scale", "zero", "table"))
+
+
+def shift_row(row: list[int], base: int) -> list[int]:
+    """``row`` for its tensors placed ``base`` entries later in the tensor list (absent ones stay -1)."""
+    if not base:
+        return row
+    shifted = list(row)
+    for field in _INDEX_FIELDS:
+        if shifted[field] >= 0:
+            shifted[field] += base
+    return shifted
 
 
 def _paged_meta(part: PagedPart, tensors: list[torch.Tensor]) -> list[int]:
