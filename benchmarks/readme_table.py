@@ -109,7 +109,7 @@ def markdown(rows: list[dict], env: dict, num_scored: int, passkey_desc: str, co
         "",
         f"PPL: streamed perplexity over {num_scored:,} scored tokens ± its standard error; ΔPPL: vs the "
         "exact cache on the same tokens (the paired difference is far tighter than the ± — see KLD). KV bytes: everything the cache holds after a 2048-token "
-        "prompt + 16 tokens (sinks and residual window in the model's dtype, fp32 here) ÷ tokens, and "
+        "prompt + 16 tokens (sinks and residual window in float16 for this float32 model) ÷ tokens, and "
         "÷ an fp16 cache. Decode: batch 1, 2048-token context, median of 3; in parentheses the fused "
         'read path (`attn_implementation="kvsqueeze"`); "–": no fused path (transformers baselines; '
         "configs with codebooks, outliers, rotation or pre-RoPE keys, such as `best-*`, are read by the "

@@ -53,7 +53,7 @@ def test_report_says_which_tokens_are_exact_and_why() -> None:
     short = held(tiny(), "k4v4", 60).memory_report()
     assert "none packed yet" in short.describe()
     exact = held(tiny(), "none", 300).memory_report()  # nothing is quantized: not called "packed"
-    assert exact.describe() == "all exact (float32): 0 sinks, 256 in blocks, 44 in the window"
+    assert exact.describe() == "all exact (float32): 0 sinks, 256 in blocks, 44 waiting for a full block"
     policy = held(tiny(), "knorm-50", 300).memory_report()  # token policies list their classes
     t = policy.tokens
     assert (

@@ -109,8 +109,8 @@ def run(args: argparse.Namespace) -> None:
     ]
     print_rows(f"kvsqueeze demo — {args.model}, {args.new_tokens} greedy tokens", columns, cells)
     console.print(
-        "held = everything the cache holds (packed pages incl. unused page tail, scales, exact sinks and residual "
-        "window, in the model's dtype) / tokens of this short run; packed = the packed history alone, what a token "
+        "held = everything the cache holds (packed blocks, scales, block tables, exact sinks and residual "
+        "window, in float16 for a float32 model) / tokens of this short run; packed = the packed history alone, what a token "
         "costs at long contexts (as `kvsqueeze presets` shows it); x less = how many times smaller than an fp16 "
         "cache; quantized = tokens the last decode step read quantized; agree = teacher-forced greedy argmax "
         "equal to the exact cache's, position by position."

@@ -442,7 +442,13 @@ class SqueezedCache(Cache):
         seen = layer.get_seq_length()
         position_ids = (kwargs.get("kwargs") or kwargs).get("position_ids")
         if seen and index == self._first_squeezed and position_ids is not None and position_ids.dim() == 2:
+            # the longest row's next position: columns held less its left padding (every row of a batch
+            # padded to a fixed length is padded; while every row is still padding, which a new prompt
+            # also looks like, position 0 says nothing)
+            starts = layer.store.row_sinks.starts
+            least = 0 if starts is None else int(starts.min())
             start = int(position_ids[:, 0].max())
+            seen = seen - least if start or not least else 0
             if start < seen and layer.store.record_past:
                 raise ValueError(
                     f"assisted decoding on a cache that already holds {seen} tokens: transformers numbers the new "

@@ -29,20 +29,41 @@ class MemoryReport:
     fp16_bytes: int
     workspace_bytes: int
     parts: dict[str, int] = field(default_factory=dict)
-    tokens: dict[str, int] = field(default_factory=dict)  # one quantizing layer's tokens by part
+    tokens: dict[str, int] = field(default_factory=dict)  # the first squeezed layer's tokens by part
     exact_dtype: str = ""  # storage dtype of that layer's exact parts
+    padding_tokens: int = 0  # columns of left padding summed over the rows (a padded batch), not tokens
+    layer_tokens: dict[str, int] = field(default_factory=dict)  # summed over layers, when layers differ
+    num_layers: int = 0
 
     def describe(self) -> str:
-        """Which tokens are exact and why, e.g. "4 sinks + 124 in the residual window exact (float16),
-        1920 packed"; token policies list their classes ("..., 300 in the exact class, 900 low,
-        1200 evicted"); empty for caches without a squeezed layer."""
+        """Which tokens of a row are exact and why, e.g. "4 sinks + 124 in the residual window exact
+        (float16), 1920 packed"; token policies list their classes ("..., 300 in the exact class, 900
+        low, 1200 evicted"); preset ``none`` says how many tokens wait for a full block. Counts are per
+        row of the first squeezed layer; when the layers' counts differ (per-layer budgets) the sums
+        over all layers follow, and a left-padded batch adds its padding columns. Empty for caches
+        without a squeezed layer."""
         t = self.tokens
         if not t:
             return ""
+        text = self._describe_counts(t)
+        if self.layer_tokens:
+            summed = ", ".join(f"{n} {part}" for part, n in self.layer_tokens.items() if n)
+            text += f" (layer 0; the layers' counts differ, over all {self.num_layers}: {summed})"
+        if self.padding_tokens:
+            text += (
+                f"; rows of a left-padded batch: {self.padding_tokens} columns of padding over the rows, "
+                "not counted as tokens (blocks of only padding are not stored)"
+            )
+        return text
+
+    def _describe_counts(self, t: dict[str, int]) -> str:
         exact = f"{t['sinks']} sinks + {t['window']} in the residual window exact"
         dtype = f" ({self.exact_dtype})" if self.exact_dtype else ""
-        if "exact blocks" in t:  # preset none: nothing is quantized
-            return f"all exact{dtype}: {t['sinks']} sinks, {t['exact blocks']} in blocks, {t['window']} in the window"
+        if "exact blocks" in t:  # preset none: nothing is quantized; the window only fills a block
+            return (
+                f"all exact{dtype}: {t['sinks']} sinks, {t['exact blocks']} in blocks, "
+                f"{t['window']} waiting for a full block"
+            )
         if "low" in t:  # a token policy: its classes
             classes = [f"{t['exact']} in the exact class"] if t["exact"] else []
             classes += [f"{t[c]} {c}" for c in ("high", "low", "evicted") if t[c]]
@@ -60,25 +81,36 @@ class MemoryReport:
         return self.total_bytes / self.fp16_bytes if self.fp16_bytes else float("nan")
 
     @property
+    def real_tokens(self) -> int:
+        """Tokens held over all rows: ``num_tokens x batch_size`` less the padding columns."""
+        return self.num_tokens * self.batch_size - self.padding_tokens
+
+    @property
     def bytes_per_token(self) -> float:
-        n = self.num_tokens * self.batch_size
+        n = self.real_tokens
         return self.total_bytes / n if n else float("nan")
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(ratio_to_fp16=self.ratio_to_fp16, bytes_per_token=self.bytes_per_token)
+        d.update(
+            ratio_to_fp16=self.ratio_to_fp16,
+            bytes_per_token=self.bytes_per_token,
+            real_tokens=self.real_tokens,
+        )
         return d
 
     @classmethod
     def from_cache(cls, cache: Any) -> MemoryReport:
         parts: dict[str, int] = {}
-        tokens: dict[str, int] = {}
+        per_layer: list[dict[str, int]] = []
         exact_dtype = ""
-        batch = 0
+        batch = padding = 0
         for layer in cache.layers:
             store = getattr(layer, "store", None)
-            if store is not None and hasattr(store, "token_counts") and not tokens:
-                tokens = store.token_counts()
+            if store is not None and hasattr(store, "token_counts"):
+                per_layer.append(store.token_counts())
+                if len(per_layer) == 1:
+                    padding = store.padding_columns()
             if store is not None and not exact_dtype and getattr(store, "exact_dtype", None) is not None:
                 exact_dtype = str(store.exact_dtype).removeprefix("torch.")
             if store is not None:
@@ -93,7 +125,11 @@ class MemoryReport:
         if constants:
             parts["transform_constants"] = constants
         fp16_per_token = FP16.kv_bytes_per_token(len(cache.layers), cache.num_kv_heads, cache.head_dim)
-        fp16 = fp16_per_token * cache.get_seq_length() * batch
+        fp16 = fp16_per_token * (cache.get_seq_length() * batch - padding)
+        tokens = per_layer[0] if per_layer else {}
+        summed = {}
+        if any(counts != tokens for counts in per_layer):
+            summed = {part: sum(counts.get(part, 0) for counts in per_layer) for part in tokens}
         return cls(
             cache.get_seq_length(),
             batch,
@@ -103,4 +139,7 @@ class MemoryReport:
             parts,
             tokens,
             exact_dtype,
+            padding,
+            summed,
+            len(cache.layers),
         )

@@ -72,6 +72,7 @@ class BlockPool:
         self.on_reuse: Callable[[int], None] | None = None  # called when a freed block is handed out
         self._shape: tuple[int, int, torch.device] | None = None
         self._block_nbytes: tuple[QuantSpec | ExactSpec, tuple, int] | None = None  # `block_nbytes`' memo
+        self._null: int | None = None  # `null_block`'s id, once asked for
 
     # --- sizes -------------------------------------------------------------------------------------
     @property
@@ -156,6 +157,18 @@ class BlockPool:
             ids.append(i)
         return torch.tensor(ids, dtype=torch.int64)
 
+    def null_block(self, like: torch.Tensor) -> int:
+        """The id of the pool's null block: a block of zeros (every format dequantizes it to 0.0)
+        that block tables point at for a block holding no token of its row (the left padding of a
+        padded batch, which the attention mask hides), so such blocks cost no storage. Allocated on
+        first use and never freed (the pool keeps one reference); counted in `nbytes` like any block.
+        ``like`` as in `allocate`."""
+        if self._null is None:
+            ids = self.allocate(1, like=like)
+            self.write(ids, self._empty(1).map(torch.zero_))
+            self._null = int(ids[0])
+        return self._null
+
     def incref(self, ids: torch.Tensor | list[int]) -> None:
         """One more reference to each of ``ids`` (repeats count); a free block is taken back."""
         for i in _ints(ids):
@@ -175,7 +188,7 @@ class BlockPool:
     def clear(self) -> None:
         """Drop every block and slab (all references are gone)."""
         self.slabs, self.refs, self.free = [], [], OrderedDict()
-        self._shape = None
+        self._shape = self._null = None
         if self.spec.is_exact:  # the dtype is fixed again by the next first write, as at creation
             self.spec = self._given_spec
 

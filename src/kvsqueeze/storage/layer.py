@@ -101,7 +101,9 @@ class LayerStore:
         self.name = name
         self.exact_dtype_choice = config.exact_dtype  # CacheConfig.exact_dtype, see `exact_dtype_for`
         self.exact_dtype: torch.dtype | None = None  # None: the dtype of the incoming tokens
-        self.row_sinks = RowSinks(config.sink_tokens)  # each row's first real tokens, if padded
+        self.row_sinks = RowSinks(
+            config.sink_tokens
+        )  # where rows start, and their first real tokens, if padded
         self._planned: tuple[tuple[int, int, int], TokenPlan] | None = None  # `_plan`'s memo
         preferred = self.placement.preferred_dtype
         self.set_exact_dtype(None if preferred is None else getattr(torch, preferred))
@@ -259,7 +261,18 @@ class LayerStore:
         first = self.num_seen - self.window.num_tokens  # seen position of the oldest window token
         leaving = self.window.push((key[:, :, s:], value[:, :, s:]), plan.to_quantize)
         if leaving is not None:
-            self.placement.place(leaving[0], leaving[1], first)
+            self.placement.place(leaving[0], leaving[1], first, self._padding_blocks(first, plan.to_quantize))
+
+    def _padding_blocks(self, first: int, n: int) -> torch.Tensor | None:
+        """Which of the ``n / block_size`` blocks leaving the window from column ``first`` on hold only
+        left padding, per row (batch, n / block_size) bool; None when no row is padded (or the store
+        is not positional: token policies refuse padded batches)."""
+        starts = self.row_sinks.starts
+        if starts is None or not self.positional:
+            return None
+        bs = self.policy.block_size
+        ends = first + bs * torch.arange(1, n // bs + 1, device=starts.device)  # column after each block
+        return ends[None, :] <= starts[:, None]
 
     def appends_to_window(self) -> bool:
         """Whether storing one more token is a plain append to the residual window: no token policy,
@@ -398,6 +411,12 @@ class LayerStore:
             **self.placement.token_counts(self.num_seen - self.num_tokens),
             "window": self.window.num_tokens + self.pending_k.num_tokens,
         }
+
+    def padding_columns(self) -> int:
+        """Columns of left padding summed over the rows (0 unless the batch is left-padded): stored
+        columns that are not tokens of their row."""
+        starts = self.row_sinks.starts
+        return 0 if starts is None else int(starts.clamp(max=self.num_tokens).sum())
 
     def parts(self) -> dict[str, int]:
         """Bytes held, by part: ``sinks`` (row sinks included), the strategy's (``packed_keys``,

@@ -73,15 +73,31 @@ class PagedStore:
     def num_tokens(self) -> int:
         return self.tables.num_blocks * self.block_size
 
-    def append(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+    def append(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, padding: torch.Tensor | None = None
+    ) -> None:
         """Quantize and store ``x`` (batch, kv_heads, n, head_dim), n a whole number of blocks, at
-        ``positions`` (batch, kv_heads, n) int (None: contiguous after the stored tokens)."""
+        ``positions`` (batch, kv_heads, n) int (None: contiguous after the stored tokens).
+        ``padding`` (batch, n / block_size) bool marks blocks that hold no token of their row (left
+        padding, which the attention mask hides): they are not stored; their table entries point at
+        a block stored by this call (any finite content will do), or the pool's null block when
+        every block here is padding."""
         if self.transform is not None:
             x = self.transform.encode(x, self.num_tokens if positions is None else positions)
         blocks = self.pool.encode(x)
         b, nb = x.shape[0], x.shape[-2] // self.block_size
-        ids = self.pool.allocate(b * nb, like=x)
-        self.pool.write(ids, blocks)
+        if padding is None or not bool(padding.any()):
+            ids = self.pool.allocate(b * nb, like=x)
+            self.pool.write(ids, blocks)
+        else:
+            keep = (~padding).flatten().nonzero(as_tuple=True)[0]
+            ids = torch.empty(b * nb, dtype=torch.int64)
+            if len(keep):
+                ids[keep] = self.pool.allocate(len(keep), like=x)
+                self.pool.write(ids[keep], blocks.map(lambda t: t[keep.to(t.device)]))
+            fill = int(ids[keep[0]]) if len(keep) else self.pool.null_block(like=x)
+            ids[padding.flatten()] = fill
+            self.pool.incref([fill] * (b * nb - len(keep)))  # the tables hold one reference per entry
         self.tables.append(ids.view(b, nb))
 
     def append_blocks(self, ids: torch.Tensor) -> None:

@@ -80,10 +80,13 @@ class SequencePlacement:
         raise ValueError("roles: this cache has no token policy (CacheConfig.tokens is None)")
 
     # --- placing and reading -------------------------------------------------------------------------
-    def place(self, key: torch.Tensor, value: torch.Tensor, first: int) -> None:
+    def place(
+        self, key: torch.Tensor, value: torch.Tensor, first: int, padding: torch.Tensor | None = None
+    ) -> None:
         """Pack ``key``, ``value`` (batch, kv_heads, n, head_dim), whole blocks leaving the window
-        (``first``: the seen position of the first; the history is contiguous, so unused)."""
-        self.history.append(key, value)
+        (``first``: the seen position of the first; the history is contiguous, so unused);
+        ``padding`` (batch, n / block_size) bool: blocks of left padding, not stored (`PagedStore.append`)."""
+        self.history.append(key, value, padding=padding)
 
     def segments(self) -> list[SegmentTuple]:
         return self.history.segments()

@@ -124,10 +124,14 @@ class PolicyPlacement:
         return out
 
     # --- placing and reading -------------------------------------------------------------------------
-    def place(self, key: torch.Tensor, value: torch.Tensor, first: int) -> None:
+    def place(
+        self, key: torch.Tensor, value: torch.Tensor, first: int, padding: torch.Tensor | None = None
+    ) -> None:
         """Send leaving tokens ``key``, ``value`` (batch, kv_heads, n, head_dim), the first at seen
         position ``first``, to their classes (or drop them). Raises ValueError when rows of the batch
-        would send different numbers of tokens to a class (token roles that differ per row)."""
+        would send different numbers of tokens to a class (token roles that differ per row).
+        ``padding`` must be None: left-padded batches are refused before (`integrations.cache`)."""
+        assert padding is None, "a token policy does not take left-padded batches"
         b, h, n, d = key.shape
         scores = None
         if self.attention_scorer is not None:

@@ -1,4 +1,4 @@
-"""`RowSinks`: each sequence's first real tokens kept exact in a left-padded batch.
+"""`RowSinks`: where each row of a left-padded batch starts, and its first real tokens kept exact.
 
 A layer store lays a batch out in shared columns (column ``c`` of every row is its ``c``-th stored
 token), so its exact sinks are the first ``sink_tokens`` columns: padding, for the short rows of a
@@ -7,7 +7,8 @@ of the ``sink_tokens`` tokens from each row's first real token on (where its pos
 ``generate`` numbers left-padded rows) and reads put them back over those columns: the reference
 path writes them into the dequantized keys and values (`overlay`), the fused path reads them as one
 more exact segment while the mask hides the quantized copies (`attention_inputs` in
-`attention.parts`). Nothing is held while no row is padded.
+`attention.parts`). The starts (int64 per row) also tell the store which blocks hold only padding
+(not stored: `LayerStore._padding_blocks`). Nothing is held while no row is padded.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def first_real_columns(position_ids: torch.Tensor | None) -> tuple[torch.Tensor,
 
 
 class RowSinks:
-    """Exact (batch, kv_heads, sink_tokens, head_dim) copies of each row's first real tokens."""
+    """Each row's first real column ``starts`` (batch,) int64 and exact (batch, kv_heads, sink_tokens,
+    head_dim) copies of its first real tokens."""
 
     def __init__(self, sink_tokens: int) -> None:
         self.sink_tokens = sink_tokens
@@ -68,9 +70,8 @@ class RowSinks:
 
     def observe(self, position_ids: torch.Tensor | None, seen: int) -> None:
         """Note where rows start from the ``position_ids`` (batch, n) of tokens stored from column
-        ``seen`` on (`first_real_columns`); rows without a position 0 there keep theirs."""
-        if self.sink_tokens == 0:
-            return
+        ``seen`` on (`first_real_columns`); rows without a position 0 there keep theirs. Kept without
+        sinks too: the store does not keep blocks of padding (`LayerStore._padding_blocks`)."""
         found = first_real_columns(position_ids)
         if found is None:
             return
@@ -113,7 +114,7 @@ class RowSinks:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.key, self.value) if t is not None]
+        return [t for t in (self.starts, self.key, self.value) if t is not None]
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.starts is not None:

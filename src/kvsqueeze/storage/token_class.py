@@ -76,10 +76,23 @@ class PackedClass:
     def batch_size(self) -> int:
         return self.pages_k.tables.batch_size
 
-    def append(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+    def append(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
+    ) -> None:
         """Store ``key``, ``value`` (batch, kv_heads, n, head_dim), at cache ``positions`` (batch,
-        kv_heads, n) int (read only by a class that keeps them); whole blocks are quantized now."""
+        kv_heads, n) int (read only by a class that keeps them); whole blocks are quantized now.
+        ``padding`` (batch, n / block_size) bool: blocks of left padding (`PagedStore.append`); only
+        for whole blocks arriving while nothing waits (the packed history of a plain store)."""
         if key.shape[-2] == 0:
+            return
+        if padding is not None:
+            assert not self.staging.num_tokens and key.shape[-2] % self.block_size == 0
+            self.pages_k.append(key, None, padding)
+            self.pages_v.append(value, None, padding)
             return
         tokens: tuple[torch.Tensor, ...] = (key, value)
         if self.positions is not None:
