@@ -37,6 +37,7 @@ from kvsqueeze.attention.reference import Workspace, materialize
 from kvsqueeze.config import PRESETS
 from kvsqueeze.eval.report import environment, save_results
 from kvsqueeze.kernels import cpu
+from kvsqueeze.quant.paged import PagedPart
 from kvsqueeze.storage.layer import LayerStore
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # whole tables in logs
@@ -90,6 +91,15 @@ def torch_fused(query: torch.Tensor, segments: list, scaling: float) -> torch.Te
     return (acc / total).reshape(b, hq, lq, d).transpose(1, 2)
 
 
+def read_nbytes(part, num_tokens: int) -> int:
+    """Bytes a reader touches for the first ``num_tokens`` tokens of ``part`` (every row): a `PagedPart`
+    through its table (blocks x bytes per block), a page or exact tensor sliced to the tokens."""
+    if isinstance(part, PagedPart):
+        per_block = sum(t[0].numel() * t.element_size() for t in part.slabs[0].tensors())
+        return part.batch_size * (num_tokens // part.block_size) * per_block
+    return part.slice_tokens(0, num_tokens).nbytes
+
+
 def run_micro(args: argparse.Namespace) -> dict:
     batch, kv_heads, q_heads, head_dim, tokens = 8, 3, 9, 64, 8192
     torch.manual_seed(0)
@@ -102,7 +112,7 @@ def run_micro(args: argparse.Namespace) -> dict:
     query, scaling, ws = torch.randn(batch, q_heads, 1, head_dim), head_dim**-0.5, Workspace()
     parts = snapshot(store, k_new, v_new, ws)
     read_bytes = sum(
-        part.slice_tokens(0, seg.num_tokens).nbytes for seg in parts.segments for part in (seg.key, seg.value)
+        read_nbytes(part, seg.num_tokens) for seg in parts.segments for part in (seg.key, seg.value)
     )
     keys, values = (t.clone() for t in materialize(store, k_new, v_new, ws))
     sdpa = torch.nn.functional.scaled_dot_product_attention
