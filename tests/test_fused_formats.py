@@ -144,6 +144,21 @@ def test_kernel_reads_formats_and_transforms(case, head_dim) -> None:
 
 
 @needs_kernels
+@pytest.mark.parametrize("head_dim", [64, 128, 32])  # 32: the generic reader
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_kernel_reads_exact_rows(dtype, head_dim) -> None:
+    """Exact segments (sinks, windows, the exact classes of h2o / snapkv / keep10) of every float
+    dtype, several of them in a row as `ExactChunks` hands them over."""
+    gen = torch.Generator().manual_seed(2)
+    parts = [torch.randn(2, 2, n, head_dim, generator=gen).to(dtype) for n in (40, 256, 7, 1) for _ in (0, 1)]
+    segs = [Segment(ExactTensor(k), ExactTensor(v), k.shape[2]) for k, v in zip(parts[::2], parts[1::2])]
+    keys, values = (torch.cat([p.double() for p in parts[i::2]], dim=2) for i in (0, 1))
+    for q_len in (1, 4):
+        q = torch.randn(2, 6, q_len, head_dim, generator=gen)
+        assert kernel_error(segs, keys, values, q) < KERNEL_TOL
+
+
+@needs_kernels
 @pytest.mark.parametrize("spec", [s for s in SPECS if "nf" in s or "outliers" in s])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_native_dequantize_of_codebooks_and_outliers_is_bit_exact(spec, dtype) -> None:

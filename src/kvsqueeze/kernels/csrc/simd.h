@@ -171,6 +171,14 @@ inline vf vexp(vf x) {
   return dead ? vf{} : res;
 }
 
+#if defined(__AVX512F__)
+inline vf as_vf(__m512 x) {
+  vf out;
+  std::memcpy(&out, &x, sizeof(out));
+  return out;
+}
+#endif
+
 // f(std::integral_constant<int, 0>{}), ..., f(std::integral_constant<int, N - 1>{}): loops whose
 // index must be a compile-time constant (intrinsics taking immediates).
 template <int N, typename F>
@@ -271,16 +279,6 @@ inline __m512i hsum16_epi32(const __m512i* x) {
   return _mm512_add_epi32(_mm512_shuffle_i32x4(c[0], c[1], 0x88), _mm512_shuffle_i32x4(c[0], c[1], 0xDD));
 }
 
-inline vf as_vf(__m512 x) {
-  vf out;
-  std::memcpy(&out, &x, sizeof(out));
-  return out;
-}
-inline __m512 as_m512(vf x) {
-  __m512 out;
-  std::memcpy(&out, &x, sizeof(out));
-  return out;
-}
 #endif
 
 }  // namespace kvsqueeze

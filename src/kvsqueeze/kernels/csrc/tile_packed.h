@@ -29,11 +29,22 @@
 namespace kvsqueeze {
 
 constexpr int kRowsPerPass = 4;
-enum class KeyMode { kFloat, kInt8, kRope };
+enum class KeyMode { kFloat, kInt8, kRope, kExact };
+
+// Pseudo bit widths of exact rows for decode_token: float16, bfloat16, float32 values.
+constexpr int kF16 = 16, kBF16 = 17, kF32 = 32;
+
+inline bool exact_row_dtype(const Source& s) {
+  return s.kind == kExact && (s.data.dtype == at::kHalf || s.data.dtype == at::kBFloat16 || s.data.dtype == at::kFloat);
+}
+inline int exact_bits(const Source& s) {
+  return s.data.dtype == at::kHalf ? kF16 : s.data.dtype == at::kBFloat16 ? kBF16 : kF32;
+}
 
 inline bool fast_bits(int64_t bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
 
 inline bool packed_fast_path(const Source& k, const Source& v, int64_t D) {
+  if (exact_row_dtype(k) && exact_row_dtype(v)) return D == 64 || D == 128;  // exact rows (sinks, windows, classes)
   return (D == 64 || D == 128) && k.kind == kInt && k.axis == 1 && !k.has_outliers && fast_bits(k.bits) &&
          !(k.rot != nullptr && k.rope != nullptr) && (v.kind == kInt || v.kind == kCodebook) && v.axis == 0 &&
          !v.has_outliers && fast_bits(v.bits) && v.group % kLanes == 0 && D % v.group == 0;
@@ -89,29 +100,57 @@ struct Levels {
   }
 };
 
-// One token's codes as D / 16 float vectors in channel order: the codes, or their levels (LUT).
+// One exact row (BITS kF16 / kBF16 / kF32) as D / 16 float vectors.
+template <int D, int BITS>
+inline void decode_exact(const uint8_t* p, vf* out) {
+  constexpr int C = D / kLanes;
+  for (int c = 0; c < C; ++c) {
+    if constexpr (BITS == kF32) {
+      out[c] = vload(reinterpret_cast<const float*>(p) + c * kLanes);
+    } else if constexpr (BITS == kF16) {
+#if defined(__AVX512F__)
+      out[c] = as_vf(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p) + c)));
+#else
+      for (int i = 0; i < kLanes; ++i) out[c][i] = static_cast<float>(reinterpret_cast<const at::Half*>(p)[c * kLanes + i]);
+#endif
+    } else {  // bfloat16: the high half of a float32
+      typedef uint16_t vh __attribute__((vector_size(32)));
+      vh x;
+      std::memcpy(&x, p + c * 32, sizeof(x));
+      const vi bits = __builtin_convertvector(x, vi) << 16;
+      std::memcpy(&out[c], &bits, sizeof(vf));
+    }
+  }
+}
+
+// One token's codes as D / 16 float vectors in channel order: the codes, or their levels (LUT); or
+// an exact row (BITS kF16 / kBF16 / kF32).
 template <int D, int BITS, bool LUT>
 inline void decode_token(const uint8_t* p, const Levels& lev, vf* out) {
   constexpr int C = D / kLanes;
+  if constexpr (BITS >= kF16) {
+    decode_exact<D, BITS>(p, out);
+  } else {
 #if defined(KVSQ_AVX512)
-  __m512i z[D / 64];
-  codes_u8<D, BITS>(p, z);
-  static_for<C>([&](auto c) {
-    const __m512i idx = code_lanes<decltype(c)::value>(z);
-    out[c] = as_vf(LUT ? _mm512_permutexvar_ps(idx, lev.z) : _mm512_cvtepi32_ps(idx));
-  });
+    __m512i z[D / 64];
+    codes_u8<D, BITS>(p, z);
+    static_for<C>([&](auto c) {
+      const __m512i idx = code_lanes<decltype(c)::value>(z);
+      out[c] = as_vf(LUT ? _mm512_permutexvar_ps(idx, lev.z) : _mm512_cvtepi32_ps(idx));
+    });
 #else
-  alignas(64) uint8_t codes[D];
-  unpack_bytes(p, BITS, D, codes);
-  for (int c = 0; c < C; ++c) {
-    const vi x = widen(codes + c * kLanes);
-    if constexpr (LUT) {
-      for (int i = 0; i < kLanes; ++i) out[c][i] = lev.p[x[i]];
-    } else {
-      out[c] = __builtin_convertvector(x, vf);
+    alignas(64) uint8_t codes[D];
+    unpack_bytes(p, BITS, D, codes);
+    for (int c = 0; c < C; ++c) {
+      const vi x = widen(codes + c * kLanes);
+      if constexpr (LUT) {
+        for (int i = 0; i < kLanes; ++i) out[c][i] = lev.p[x[i]];
+      } else {
+        out[c] = __builtin_convertvector(x, vf);
+      }
     }
-  }
 #endif
+  }
 }
 
 // What a score function needs beyond the codes: per token of the tile, its RoPE table row (rope mode).
@@ -119,12 +158,14 @@ struct KeyTile {
   const float* cs[kTile];
 };
 
-// Scores of rows [r, r + NR) for n tokens of codes kc (row stride kst bytes), into st.sc; float and
-// rope modes. (+ st.qo in float mode; rope mode dequantizes the keys, offsets included.)
+// Scores of rows [r, r + NR) for n tokens of codes kc (row stride kst bytes), into st.sc; float,
+// rope and exact modes. (+ st.qo in float mode; rope mode dequantizes the keys, offsets included;
+// exact rows (KB kF16 / kBF16 / kF32) are dotted with the query as they are.)
 template <int D, int KB, int NR, bool ROPE>
 void score_rows_float(const uint8_t* kc, int64_t kst, int64_t n, int64_t r, const KeyTile& kt, RowState& st) {
   constexpr int C = D / kLanes, H = C / 2;
-  const float* qsrc = ROPE ? st.q.data() : st.qs.data();
+  constexpr bool EXACT = KB >= kF16;
+  const float* qsrc = ROPE || EXACT ? st.q.data() : st.qs.data();
   vf qs[NR][C];
   for (int i = 0; i < NR; ++i)
     for (int c = 0; c < C; ++c) qs[i][c] = vload(qsrc + (r + i) * D + c * kLanes);
@@ -158,7 +199,7 @@ void score_rows_float(const uint8_t* kc, int64_t kst, int64_t n, int64_t r, cons
       }
     }
     for (int i = 0; i < NR; ++i) {
-      const vf add = ROPE ? vf{} : vsplat(st.qo[r + i]);
+      const vf add = ROPE || EXACT ? vf{} : vsplat(st.qo[r + i]);
       vstore(st.score(r + i) + t0, hsum16(part[i]) + add);
     }
   }
@@ -335,20 +376,28 @@ struct FastReader {
 // Score function for key bits KB in `mode` with integer dot `dot`; null when this build cannot.
 template <int D, int KB>
 ScoreFn pick_score(KeyMode mode, int dot) {
-  if (mode == KeyMode::kRope) return &ScoreRows<D, KB, KeyMode::kRope, kFloat>::all;
-  if (mode == KeyMode::kFloat) return &ScoreRows<D, KB, KeyMode::kFloat, kFloat>::all;
+  if constexpr (KB >= kF16) {
+    return &ScoreRows<D, KB, KeyMode::kExact, kFloat>::all;
+  } else {
+    if (mode == KeyMode::kRope) return &ScoreRows<D, KB, KeyMode::kRope, kFloat>::all;
+    if (mode == KeyMode::kFloat) return &ScoreRows<D, KB, KeyMode::kFloat, kFloat>::all;
 #if defined(KVSQ_VNNI)
-  if (dot == kVnni) return &ScoreRows<D, KB, KeyMode::kInt8, kVnni>::all;
+    if (dot == kVnni) return &ScoreRows<D, KB, KeyMode::kInt8, kVnni>::all;
 #endif
 #if defined(KVSQ_AVX2)
-  if (dot == kAvx2 && KB != 3) return &ScoreRows<D, KB, KeyMode::kInt8, kAvx2>::all;
+    if constexpr (KB != 3)
+      if (dot == kAvx2) return &ScoreRows<D, KB, KeyMode::kInt8, kAvx2>::all;
 #endif
-  return nullptr;
+    return nullptr;
+  }
 }
 
 template <int D>
 ScoreFn pick_score_bits(int64_t kb, KeyMode mode, int dot) {
   switch (kb) {
+    case kF16: return pick_score<D, kF16>(mode, dot);
+    case kBF16: return pick_score<D, kBF16>(mode, dot);
+    case kF32: return pick_score<D, kF32>(mode, dot);
     case 2: return pick_score<D, 2>(mode, dot);
     case 3: return pick_score<D, 3>(mode, dot);
     case 4: return pick_score<D, 4>(mode, dot);
@@ -359,6 +408,9 @@ ScoreFn pick_score_bits(int64_t kb, KeyMode mode, int dot) {
 template <int D>
 ValueFn pick_values(int64_t vb, bool lut) {
   switch (vb) {
+    case kF16: return &AccumulateRows<D, kF16, false>::all;
+    case kBF16: return &AccumulateRows<D, kBF16, false>::all;
+    case kF32: return &AccumulateRows<D, kF32, false>::all;
     case 2: return lut ? &AccumulateRows<D, 2, true>::all : &AccumulateRows<D, 2, false>::all;
     case 3: return lut ? &AccumulateRows<D, 3, true>::all : &AccumulateRows<D, 3, false>::all;
     case 4: return lut ? &AccumulateRows<D, 4, true>::all : &AccumulateRows<D, 4, false>::all;
@@ -371,6 +423,13 @@ inline FastReader packed_reader(const Source& k, const Source& v, int64_t D, int
   FastReader fr;
   if (!packed_fast_path(k, v, D)) return fr;
   fr.D = D;
+  if (k.kind == kExact) {
+    fr.mode = KeyMode::kExact;
+    fr.score = D == 64 ? pick_score_bits<64>(exact_bits(k), fr.mode, kFloat)
+                       : pick_score_bits<128>(exact_bits(k), fr.mode, kFloat);
+    fr.values = D == 64 ? pick_values<64>(exact_bits(v), false) : pick_values<128>(exact_bits(v), false);
+    return fr;
+  }
   const bool int8 = dot != kFloat && k.rope == nullptr && !(dot == kAvx2 && k.bits == 3);
   fr.mode = k.rope != nullptr ? KeyMode::kRope : int8 ? KeyMode::kInt8 : KeyMode::kFloat;
   fr.qmax = dot == kAvx2 && k.bits == 8 ? 63 : 127;  // AVX2 pair sums of 8-bit codes stay in int16
@@ -460,7 +519,9 @@ inline void attend_packed(const Problem& p, const Mask& mask, int64_t b, int64_t
                           int64_t seg0, int64_t a, int64_t e, const Source& ks, const Source& vs,
                           const FastReader& fr, RowState& st) {
   const int64_t D = p.D, C = D / kLanes;
-  const int64_t groups = D / vs.group, chunks_per_group = vs.group / kLanes;
+  const bool exact = fr.mode == KeyMode::kExact;  // exact rows: no scales, one "group" of D channels
+  const int64_t group = exact ? D : vs.group, groups = D / group, chunks_per_group = group / kLanes;
+  const int64_t kst = ks.data.row_bytes(), vst = vs.data.row_bytes();
   const int64_t vsst = vs.scale.row_bytes(), vzst = vs.zero.row_bytes();
   alignas(64) float vscale[8 * kTile], voffset[8 * kTile], wp[kRowBlockMax * 8 * kTile];
   const Levels lev(vs.kind == kCodebook ? vs.lut : nullptr);
@@ -472,17 +533,23 @@ inline void attend_packed(const Problem& p, const Mask& mask, int64_t b, int64_t
     vcur.seek(t0);
     // A tile never crosses a key group nor a block, so the key scales are fixed within it and its
     // rows are consecutive.
-    const int64_t g = t0 / ks.group;
-    const int64_t n = std::min({kTile, (g + 1) * ks.group - t0, e - t0, ksp.end - t0, vsp.end - t0});
-    if (t0 == a || t0 % ks.group == 0) prepare_key_group(ks, ksp, ks.scale_row(ksp, t0), nr, D, fr, st);
+    const int64_t kg = exact ? kTile : ks.group, g = t0 / kg;
+    const int64_t n = std::min({kTile, (g + 1) * kg - t0, e - t0, ksp.end - t0, vsp.end - t0});
+    if (!exact && (t0 == a || t0 % ks.group == 0)) prepare_key_group(ks, ksp, ks.scale_row(ksp, t0), nr, D, fr, st);
     if (fr.mode == KeyMode::kRope)
       for (int64_t t = 0; t < n; ++t) kt.cs[t] = ks.rope + ks.position(b, h, t0 + t) * D;
     kcur.prefetch(t0, n);
     vcur.prefetch(t0, n);
-    const uint8_t* k0 = reinterpret_cast<const uint8_t*>(ksp.data) + (t0 - ksp.first) * ks.data.st;
-    const uint8_t* v0 = reinterpret_cast<const uint8_t*>(vsp.data) + (t0 - vsp.first) * vs.data.st;
-    fr.score(k0, ks.data.st, n, nr, kt, st);
-    softmax_tile(p, mask, b, h, r0, nr, seg0 + t0, n, groups, st);
+    const uint8_t* k0 = reinterpret_cast<const uint8_t*>(ksp.data) + (t0 - ksp.first) * kst;
+    const uint8_t* v0 = reinterpret_cast<const uint8_t*>(vsp.data) + (t0 - vsp.first) * vst;
+    fr.score(k0, kst, n, nr, kt, st);
+    softmax_tile(p, mask, b, h, r0, nr, seg0 + t0, n, exact ? 0 : groups, st);
+    if (exact) {  // the weights as they are
+      for (int64_t r = 0; r < nr; ++r) std::copy_n(st.score(r), kTile, wp + r * C * kTile);
+      fr.values(v0, vst, n, nr, chunks_per_group, wp, lev, st);
+      t0 += n;
+      continue;
+    }
     // Token scales and offsets, (groups, kTile); then weights premultiplied by them.
     const char* vsr = vsp.scale + (t0 - vsp.first) * vsst;
     const char* vzr = vs.has_zero ? vsp.zero + (t0 - vsp.first) * vzst : nullptr;
@@ -516,9 +583,10 @@ inline void attend_packed(const Problem& p, const Mask& mask, int64_t b, int64_t
         st.zacc[r * D + k] += hsum(z);
       }
     }
-    fr.values(v0, vs.data.st, n, nr, chunks_per_group, wp, lev, st);
+    fr.values(v0, vst, n, nr, chunks_per_group, wp, lev, st);
     t0 += n;
   }
+  if (exact) return;
   for (int64_t r = 0; r < nr; ++r) {  // fold the value offsets in, once per segment
     float* acc = st.acc.data() + r * D;
     float* zacc = st.zacc.data() + r * D;
