@@ -151,7 +151,10 @@ def test_kernel_reads_exact_rows(dtype, head_dim) -> None:
     dtype, several of them in a row as `ExactChunks` hands them over."""
     gen = torch.Generator().manual_seed(2)
     parts = [torch.randn(2, 2, n, head_dim, generator=gen).to(dtype) for n in (40, 256, 7, 1) for _ in (0, 1)]
-    segs = [Segment(ExactTensor(k), ExactTensor(v), k.shape[2]) for k, v in zip(parts[::2], parts[1::2])]
+    segs = [
+        Segment(ExactTensor(k), ExactTensor(v), k.shape[2])
+        for k, v in zip(parts[::2], parts[1::2], strict=True)
+    ]
     keys, values = (torch.cat([p.double() for p in parts[i::2]], dim=2) for i in (0, 1))
     for q_len in (1, 4):
         q = torch.randn(2, 6, q_len, head_dim, generator=gen)
