@@ -3,10 +3,12 @@
     python benchmarks/fused_attention.py [--parts micro,e2e] [--repeats 3] [--steps 16] [--compile]
 
 micro: one layer of k4v4 pages, batch 8, 8192 tokens, SmolLM2's heads (9 query heads, 3 KV
-  heads, head_dim 64), one decode query: the native fused kernel vs the reference read
-  (dequantize into the workspace, then SDPA) vs SDPA on the exact float32 K/V; effective
-  bandwidth = bytes the fused kernel reads (packed pages + exact sinks/window) / time, against the
-  machine's copy bandwidth measured here (a 256 MiB tensor copy, read + write). ``--compile``
+  heads, head_dim 64), one decode query, ``--threads`` torch threads (default 2): the native fused
+  kernel (with each key dot product this CPU runs: int8 queries through VNNI / AVX2, and float32;
+  the first row is the default) vs the reference read (dequantize into the workspace, then SDPA) vs
+  SDPA on the exact float32 K/V; effective bandwidth = bytes the fused kernel reads (packed pages +
+  exact sinks/window) / time, against the machine's copy bandwidth measured here (a 256 MiB tensor
+  copy, read + write; issue 16 target: >= 50 %). ``--compile``
   adds a torch.compile'd page-by-page torch version of the fused algorithm (the alternative
   recorded in docs/kernels.md).
 e2e: the embedded model, a 4000-token WikiText prompt, then greedy decoding: time per output
@@ -37,6 +39,7 @@ from kvsqueeze.attention.reference import Workspace, materialize
 from kvsqueeze.config import PRESETS
 from kvsqueeze.eval.report import environment, save_results
 from kvsqueeze.kernels import cpu
+from kvsqueeze.quant.paged import PagedPart
 from kvsqueeze.storage.layer import LayerStore
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # whole tables in logs
@@ -90,6 +93,15 @@ def torch_fused(query: torch.Tensor, segments: list, scaling: float) -> torch.Te
     return (acc / total).reshape(b, hq, lq, d).transpose(1, 2)
 
 
+def read_nbytes(part, num_tokens: int) -> int:
+    """Bytes a reader touches for the first ``num_tokens`` tokens of ``part`` (every row): a `PagedPart`
+    through its table (blocks x bytes per block), a page or exact tensor sliced to the tokens."""
+    if isinstance(part, PagedPart):
+        per_block = sum(t[0].numel() * t.element_size() for t in part.slabs[0].tensors())
+        return part.batch_size * (num_tokens // part.block_size) * per_block
+    return part.slice_tokens(0, num_tokens).nbytes
+
+
 def run_micro(args: argparse.Namespace) -> dict:
     batch, kv_heads, q_heads, head_dim, tokens = 8, 3, 9, 64, 8192
     torch.manual_seed(0)
@@ -102,12 +114,21 @@ def run_micro(args: argparse.Namespace) -> dict:
     query, scaling, ws = torch.randn(batch, q_heads, 1, head_dim), head_dim**-0.5, Workspace()
     parts = snapshot(store, k_new, v_new, ws)
     read_bytes = sum(
-        part.slice_tokens(0, seg.num_tokens).nbytes for seg in parts.segments for part in (seg.key, seg.value)
+        read_nbytes(part, seg.num_tokens) for seg in parts.segments for part in (seg.key, seg.value)
     )
     keys, values = (t.clone() for t in materialize(store, k_new, v_new, ws))
     sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fused(dot: str) -> Callable[[], object]:
+        def run() -> object:
+            with cpu.using_key_dot(dot):
+                return cpu.fused_attention(query, parts.segments, None, scaling, True)
+
+        return run
+
+    dots = [cpu.key_dot(), *(d for d in cpu.key_dots_available() if d != cpu.key_dot())]
     rows = {
-        "fused (native kernel)": lambda: cpu.fused_attention(query, parts.segments, None, scaling, True),
+        **{f"fused (native kernel, key dot {dot})": fused(dot) for dot in dots},
         "reference (dequantize + SDPA)": lambda: sdpa(
             query, *materialize(store, k_new, v_new, ws), enable_gqa=True
         ),
@@ -118,6 +139,8 @@ def run_micro(args: argparse.Namespace) -> dict:
         rows["torch.compile (page by page)"] = lambda: compiled(query, list(parts.segments), scaling)
     bandwidth = copy_bandwidth(args.micro_repeats)
     result = {"shape": [batch, q_heads, kv_heads, tokens, head_dim], "fused_read_bytes": read_bytes}
+    result["threads"] = torch.get_num_threads()
+    result["key_dot"] = cpu.key_dot()
     result["copy_bandwidth_gbs"] = bandwidth / 1e9
     result["rows"] = []
     for name, fn in rows.items():
@@ -219,7 +242,8 @@ def ratios(micro: dict | None, e2e: list[dict] | None) -> dict:
 def print_tables(micro: dict | None, e2e: list[dict] | None, got: dict) -> None:
     if micro:
         t = Table(
-            title=f"One layer, k4v4, batch 8 x 8192 tokens, 9/3 heads; copy {micro['copy_bandwidth_gbs']:.1f} GB/s"
+            title=f"One layer, k4v4, batch 8 x 8192 tokens, 9/3 heads, {micro['threads']} threads; "
+            f"copy {micro['copy_bandwidth_gbs']:.1f} GB/s"
         )
         for c in ("method", "ms", "fused bytes / time"):
             t.add_column(c, justify="right")
@@ -239,7 +263,7 @@ def print_tables(micro: dict | None, e2e: list[dict] | None, got: dict) -> None:
                 f"{1000 * row['b8_s_median']:.1f}",
             )
         console.print(t)
-    t = Table(title="Issue 4 targets")
+    t = Table(title="Targets (issues 4 and 16)")
     for c in ("ratio", "measured", "target"):
         t.add_column(c, justify="right")
     for name, value in got.items():
@@ -256,10 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=4000)
     parser.add_argument("--micro-repeats", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="add the torch.compile candidate to micro")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the issue's figures: 2)")
     parser.add_argument("--text-file", default=None)
     parser.add_argument("--out", default="results/fused_attention.json")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
+    torch.set_num_threads(args.threads)
     if not cpu.available():
         raise SystemExit("kernel: the native CPU kernels could not be built; nothing to benchmark")
     micro = run_micro(args) if "micro" in parts else None

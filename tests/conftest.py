@@ -37,6 +37,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def float_key_dot():
+    """The fused kernel's float32 key dot product, for tests with tolerances measured on it: where the
+    CPU has VNNI or AVX2 the default quantizes queries to int8 (tests/test_fused_formats.py bounds
+    what that costs). Modules opt in like ``one_thread``."""
+    from kvsqueeze.kernels import cpu
+
+    if not cpu.available():
+        yield
+        return
+    with cpu.using_key_dot("float"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_llama() -> LlamaForCausalLM:
     """The tiny random Llama (seed 0), in eval mode."""

@@ -52,7 +52,7 @@ from kvsqueeze.quant.exact import ExactTensor
 LOGIT_TOL = 1e-4
 KERNEL_TOL = 2e-5
 needs_kernels = pytest.mark.skipif(not cpu.available(), reason="native CPU kernels could not be built")
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "float_key_dot")
 
 
 # ------------------------------------------------------------------------ 1. synthetic tensors

@@ -17,7 +17,7 @@ QUALITY_OPTIONS = {"--model", "--methods", "--text-file", "--hub-wikitext", "--w
 QUALITY_OPTIONS |= {"--prefill", "--chunk", "--second-half", "--out", "--plot"}
 RETRIEVAL_OPTIONS = {"--model", "--methods", "--task", "--lengths", "--depths", "--seeds", "--new-tokens"}
 RETRIEVAL_OPTIONS |= {"--chunk", "--text-file", "--hub-wikitext", "--out", "--plot"}
-DEMO_OPTIONS = {"--model", "--presets", "--new-tokens", "--json"}
+DEMO_OPTIONS = {"--model", "--presets", "--new-tokens", "--json", "--context", "--path", "--reference-tokens"}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,6 @@ QUALITY_CASES = [
     ("--methods", ["--methods", ","]),
     ("--methods", ["--methods", "exact,<g40.json>"]),
     ("--methods", ["--methods", "exact@fused"]),
-    ("--methods", ["--methods", "best-3bit@fused"]),
     ("--text-file", ["--text-file", "/no/such/file.txt"]),
     ("--text-file", ["--text-file", "<folder>"]),
     ("--text-file", ["--text-file", "<latin1.txt>"]),
@@ -142,6 +141,12 @@ DEMO_CASES = [
     ("--new-tokens", ["--new-tokens", "-3"]),
     ("--new-tokens", ["--new-tokens", "100000"]),
     ("--new-tokens", ["--new-tokens", "many"]),
+    ("--context", ["--context", "0"]),
+    ("--context", ["--context", "100000"]),
+    ("--context", ["--context", "long"]),
+    ("--path", ["--path", "fast"]),
+    ("--reference-tokens", ["--reference-tokens", "-1"]),
+    ("--reference-tokens", ["--reference-tokens", "some"]),
     ("--json", ["--json", "<proc>"]),
     ("--json", ["--json", "<folder>"]),
 ]

@@ -4,8 +4,6 @@ which path really ran. Runs on the tiny random Llama of conftest.py."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 import kvsqueeze.models
@@ -51,9 +49,6 @@ def no_model_load(monkeypatch):
         ("h2o-50", "reference", "['fused']", "scores tokens by attention"),
         ("snapkv-50", "reference", "['fused']", "scores tokens by attention"),
         ("k2v2-keep10", "reference", "['fused']", "scores tokens by attention"),
-        ("best-3bit", "fused", "['reference']", "fused kernels cannot read"),
-        ("best-2bit", "fused", "['reference']", "fused kernels cannot read"),
-        ("best-4bit", "fused", "['reference']", "pre-RoPE keys"),
     ],
 )
 def test_generate_refuses_an_attn_the_preset_cannot_take(
@@ -65,14 +60,12 @@ def test_generate_refuses_an_attn_the_preset_cannot_take(
     assert why in err and f"allowed for it: {allowed}" in err
 
 
-def test_generate_refuses_fused_for_a_config_file_the_kernels_cannot_read(
-    tiny_llama_dir, tmp_path, no_model_load, capsys
-) -> None:
-    path = tmp_path / "rotated.json"
-    path.write_text(json.dumps(preset("k4v4").replace(rotate_values=True).to_dict()))
-    assert main(generate(tiny_llama_dir, str(path), "--attn", "fused")) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert "--attn: 'fused' cannot run" in err and "rotations" in err and "['reference']" in err
+def test_every_config_may_take_either_path() -> None:
+    """Issue 16: the fused kernels read every format and transform (codebooks, outliers, rotations,
+    pre-RoPE keys), so only attention-scored token policies constrain the read path."""
+    for config in (preset("k4v4").replace(rotate_values=True), preset("best-2bit"), preset("best-3bit")):
+        assert config.read_paths == ("reference", "fused")
+    assert preset("h2o-50").read_paths == ("fused",)
 
 
 def test_generate_refuses_fused_without_native_kernels(
@@ -99,6 +92,7 @@ def test_generate_refuses_fused_without_native_kernels(
         pytest.param("k4v4", ("--attn", "fused"), "fused", marks=needs_kernels),
         ("best-3bit", (), "reference"),
         ("best-3bit", ("--attn", "reference"), "reference"),
+        pytest.param("best-3bit", ("--attn", "fused"), "fused", marks=needs_kernels),
         pytest.param("h2o-50", (), "fused", marks=needs_kernels),
         pytest.param("h2o-50", ("--attn", "fused"), "fused", marks=needs_kernels),
         ("knorm-50", ("--attn", "reference"), "reference"),
@@ -112,27 +106,8 @@ def test_generate_reports_the_path_that_ran(kv, flags, ran, tiny_llama_dir, caps
 # ---------------------------------------------------------------------- eval / bench: @fused
 
 
-def test_fused_method_of_a_config_the_kernels_cannot_read_is_refused() -> None:
-    refused = (
-        r"method: 'fused' cannot run 'best-3bit@fused' \(the reference path: 'best-3bit'\).*\['reference'\]"
-    )
-    with pytest.raises(ValueError, match=refused):
-        resolve_method("best-3bit@fused")
-    assert resolve_method("k4v4@fused").config["attn_implementation"] == "kvsqueeze"
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["eval", "quality", "--methods", "exact,best-2bit@fused"],
-        ["eval", "retrieval", "--methods", "exact,best-3bit@fused"],
-        ["bench", "--methods", "exact,best-4bit@fused"],
-    ],
-    ids=["quality", "retrieval", "bench"],
-)
-def test_eval_and_bench_refuse_fused_methods_before_loading(
-    argv, tiny_llama_dir, no_model_load, capsys
-) -> None:
-    assert main([*argv, "--model", str(tiny_llama_dir)]) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert "'fused' cannot run" in err and "@fused" in err and "['reference']" in err
+def test_fused_methods_of_best_presets_resolve() -> None:
+    for name in ("best-2bit@fused", "best-3bit@fused", "best-4bit@fused", "k4v4@fused"):
+        assert resolve_method(name).config["attn_implementation"] == "kvsqueeze"
+    with pytest.raises(ValueError, match="@fused applies to kvsqueeze presets"):
+        resolve_method("exact@fused")

@@ -165,11 +165,6 @@ ERRORS = [
         lambda: preset("h2o-50").check_read_path("reference", "--attn", "--kv h2o-50"),
         ["--attn", "'reference'", "h2o-50", "attention", "['fused']"],
     ),
-    (
-        "read-path-fused-rotation",
-        lambda: preset("best-3bit").check_read_path("fused", "--attn", "--kv best-3bit"),
-        ["--attn", "'fused'", "best-3bit", "rotations", "['reference']"],
-    ),
 ]
 
 
@@ -184,7 +179,7 @@ def test_bad_input_names_field_and_value(make, fragments: list[str]) -> None:
 
 @pytest.mark.parametrize(
     ("name", "paths"),
-    [("k4v4", ("reference", "fused")), ("none", ("reference", "fused")), ("best-2bit", ("reference",)),
+    [("k4v4", ("reference", "fused")), ("none", ("reference", "fused")), ("best-2bit", ("reference", "fused")),
      ("h2o-50", ("fused",)), ("knorm-50", ("reference", "fused"))],
 )  # fmt: skip
 def test_read_paths(name: str, paths: tuple[str, ...]) -> None:

@@ -27,7 +27,7 @@ from kvsqueeze.integrations.rope import rope_for
 from kvsqueeze.storage.layer import LayerStore
 from kvsqueeze.storage.transform import layer_transforms
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "float_key_dot")
 
 SMALL = CacheConfig(
     key=QuantSpec(bits=2, axis="channel", group_size=16),

@@ -16,7 +16,8 @@ logits measured <= 5.0e-6 over the preset x layout matrix and <= 1.14e-5 at the 
 boundaries (the paths differ by float rounding: fma, summation order, a vectorized exp; a rounding
 difference may also flip one code of a later layer's quantization), so 1e-4; kernel vs float64
 attention measured <= 1.2e-6 (float32 query), 3.2e-4 (float16) and 2.6e-3 (bfloat16, output
-rounded to bfloat16), so 2e-5 / 5e-3 / 2e-2.
+rounded to bfloat16), so 2e-5 / 5e-3 / 2e-2. These use the float32 key dot product (fixture
+``float_key_dot``); the int8 one is tested in tests/test_fused_formats.py.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ PAD = 0
 needs_kernels = pytest.mark.skipif(not cpu.available(), reason="native CPU kernels could not be built")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "float_key_dot")
 
 
 # ------------------------------------------------------------------------ 1. kernels, synthetic

@@ -6,11 +6,13 @@ unused blocks full of NaN / garbage codes that must never be read; with ``share`
 batch reuse row 0's first blocks, as prefix sharing does). Then:
 
 1. dequantization: native ``dequantize_into`` == ``PagedPart.dequantize`` == the contiguous
-   tensor's ``dequantize``, bit for bit, and ``PagedPart.gather`` == the contiguous tensor;
+   tensor's ``dequantize``, bit for bit, and ``PagedPart.gather`` == the contiguous tensor (codebook
+   and outlier formats included);
 2. fused attention over [exact sinks | paged history | exact window] == the same segments with the
    contiguous history (atol 1e-5: only the tiles differ, which never cross a block), for the fast
-   path (int 2/4/8 per-channel keys, per-token values, head_dim 64 and 128) and the generic one
-   (3-bit, FP8, per-token keys, exact slabs), several block sizes, batches, query lengths and masks;
+   path (int 2/4/8 per-channel keys, integer or codebook per-token values, head_dim 64 and 128) and
+   the generic one (3-bit, FP8, per-token keys, codebook keys, outliers, exact slabs), several block
+   sizes, batches, query lengths and masks;
 3. bad tables and shapes are refused, naming the problem.
 """
 
@@ -48,6 +50,22 @@ SPECS = {
     "fp8-e4m3-channel": QuantSpec(bits=8, format="fp8_e4m3", axis="channel", group_size=16),
     "fp8-e4m3-token": QuantSpec(bits=8, format="fp8_e4m3", axis="token", group_size=64),
     "fp8-e5m2-token": QuantSpec(bits=8, format="fp8_e5m2", axis="token", group_size=32),
+    # codebooks and outliers (issue 16): blocks of 16 hold whole outlier blocks
+    "nf2-token-sym": QuantSpec(bits=2, format="nf", axis="token", group_size=32, symmetric=True),
+    "nf3-token": QuantSpec(bits=3, format="nf", axis="token", group_size=64),
+    "nf4-channel": QuantSpec(bits=4, format="nf", axis="channel", group_size=16),
+    "int3-channel-outliers": QuantSpec(
+        bits=3, axis="channel", group_size=16, outlier_fraction=0.01, outlier_tokens=16
+    ),
+    "nf2-token-outliers": QuantSpec(
+        bits=2,
+        format="nf",
+        axis="token",
+        group_size=64,
+        symmetric=True,
+        outlier_fraction=0.02,
+        outlier_tokens=16,
+    ),
 }
 # name: (key format, value format, head_dim); a format is a SPECS name or an exact dtype.
 FORMATS = {
@@ -58,6 +76,10 @@ FORMATS = {
     "k3v3": ("int3-channel", "int3-token", 64),  # ... and the generic reader
     "fp8": ("fp8-e4m3-channel", "fp8-e4m3-token", 64),
     "token-keys": ("int4-token", "int4-token", 64),
+    "nf-values": ("int4-channel", "nf2-token-sym", 64),  # codebook values: the fast path
+    "nf-values-d128": ("int8-channel-sym", "nf3-token", 128),
+    "nf-keys": ("nf4-channel", "nf2-token-sym", 64),  # ... codebook keys, outliers: generic
+    "outliers": ("int3-channel-outliers", "nf2-token-outliers", 64),
     "exact-f32": (torch.float32, torch.float32, 64),
     "exact-f16": (torch.float16, torch.float16, 64),
 }
@@ -310,14 +332,28 @@ def test_slabs_of_another_format_are_refused() -> None:
 
 
 def test_paged_meta_layout() -> None:
-    """data/scale/zero name slab 0's tensors, slab j's at index + j * slab_stride; the table last."""
+    """data/scale/zero/outliers name slab 0's tensors, slab j's at index + j * slab_stride; the table
+    after the slabs, the codebook levels after the table."""
     _, pk = history(2, 64, 64, "int4-channel", 16, 0)
     tensors: list[torch.Tensor] = [torch.empty(0)]
     row = source_meta(pk, tensors)
-    kind, bits, axis, group, mid, data, scale, zero, lut, table, block, per_slab, slabs, stride = row
+    kind, bits, axis, group, mid, data, scale, zero, lut, table, block, per_slab, slabs, stride = row[:14]
     assert (kind, bits, axis, group, block, per_slab, slabs, stride) == (1, 4, 1, 16, 16, 5, len(pk.slabs), 3)
     assert tensors[table] is pk.table and table == len(tensors) - 1
+    assert row[14:] == [-1, -1, 1, -1, -1, -1, 0]  # no outliers, no transform
     for j, slab in enumerate(pk.slabs):
         assert tensors[data + j * stride] is slab.codes
         assert tensors[scale + j * stride] is slab.scale and tensors[zero + j * stride] is slab.zero
-    assert source_meta(ExactTensor(torch.empty(1, 1, 1, 4)), [])[9:] == [-1, 0, 1, 1, 0]
+    assert source_meta(ExactTensor(torch.empty(1, 1, 1, 4)), [])[9:14] == [-1, 0, 1, 1, 0]
+    _, po = history(2, 64, 64, "nf2-token-outliers", 16, 0)
+    tensors = []
+    row = source_meta(po, tensors)
+    data, table, stride, oidx, oval, otokens = row[5], row[9], row[13], row[14], row[15], row[16]
+    assert (row[0], row[4], stride, otokens) == (3, 0, 4, 16)  # codebook, no code offset
+    assert torch.equal(tensors[row[8]], torch.tensor(SPECS["nf2-token-outliers"].levels))
+    assert row[8] == table + 1 == len(tensors) - 1
+    for j, slab in enumerate(po.slabs):
+        assert (
+            tensors[oidx + j * stride] is slab.outlier_index
+            and tensors[oval + j * stride] is slab.outlier_value
+        )

@@ -16,7 +16,7 @@ from kvsqueeze.attention.reference import Workspace, materialize
 from kvsqueeze.config import CacheConfig, QuantSpec
 from kvsqueeze.eval.memory import store_tensor_bytes
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "float_key_dot")
 PAD = 0
 SMALL_WINDOW = CacheConfig(
     key=QuantSpec(bits=2, axis="channel", group_size=16),

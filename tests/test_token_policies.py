@@ -27,7 +27,7 @@ CHUNKS = [100] + [1, 7] * 10 + [1] * 6  # 186 tokens: chunked prefill, then deco
 needs_kernels = pytest.mark.skipif(not cpu.available(), reason="native CPU kernels could not be built")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "float_key_dot")
 
 
 def small(tokens: TokenPolicy, key: QuantSpec | None = None, value: QuantSpec | None = None) -> CacheConfig:
@@ -108,8 +108,8 @@ def test_token_policies_take_per_layer_overrides_and_transforms(tiny_llama) -> N
         tiny_llama(input_ids=ids, cache=cache, use_cache=True)
     low = [layer.store.classes[Precision.LOW] for layer in cache.layers]
     assert low[0].pages_k.spec == K2 and low[1].pages_k.spec == k4 and low[1].pages_v.is_exact
-    rotated = cfg.replace(rotate_keys=True, pre_rope_keys=True)  # refused before the one store class
-    assert rotated.tokens == policy and not rotated.kernel_readable
+    rotated = cfg.replace(rotate_keys=True, pre_rope_keys=True)  # read fused since issue 16
+    assert rotated.tokens == policy and rotated.kernel_readable
 
 
 def test_keep_exact_by_layer_water_fills_the_budget() -> None:

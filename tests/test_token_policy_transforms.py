@@ -22,7 +22,7 @@ from kvsqueeze.quant.rope import Rope
 from kvsqueeze.storage.layer import LayerStore
 from kvsqueeze.storage.transform import layer_transforms
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "float_key_dot")
 
 K8 = QuantSpec(bits=8, axis="channel", group_size=16)
 V8 = QuantSpec(bits=8, axis="token", group_size=32)
@@ -131,8 +131,16 @@ def test_transformed_policies_stay_as_close_as_untransformed_ones(policy: TokenP
 
 
 def test_attention_scored_policies_with_transforms_need_the_fused_path() -> None:
-    """Transforms take the reference path, which does not see the queries an attention scorer needs."""
-    config = small(TokenPolicy(scorer="attention", evict=0.5, default="exact")).replace(rotate_values=True)
-    assert config.read_paths == ()
+    """The fused kernels read transformed classes (issue 16), so an attention scorer works with them;
+    the reference path still cannot see the queries it needs."""
+    config = small(TokenPolicy(scorer="attention", evict=0.5, keep_high=0.3, high_key=K4, high_value=V4))
+    config = config.replace(rotate_values=True, pre_rope_keys=True)
+    assert config.read_paths == ("fused",)
+    ref, fused = tiny_models()
     with pytest.raises(ValueError, match="fused read path"):
-        SqueezedCache.from_model(tiny_models()[1], config)
+        SqueezedCache.from_model(ref, config)
+    cache = SqueezedCache.from_model(fused, config)
+    assert cache.fused
+    run_chunks(fused, cache, ids(sum(CHUNKS)))
+    counts = cache.layers[0].store.token_counts()
+    assert counts["high"] > 0 and counts["evicted"] > 0

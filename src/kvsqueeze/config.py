@@ -113,8 +113,8 @@ class CacheConfig:
             ``kvsqueeze calibrate``), as {field: value} of its transformers config; `check_model`
             with ``model_config`` refuses the config on another model. Empty: any model.
 
-    Configs with codebook or outlier formats, rotations or pre-RoPE keys are read by the reference
-    path only (`kernel_readable` is False): a fused cache with such a config falls back to it.
+    Every config is read by the fused kernels (`kernel_readable`): codebook and outlier formats,
+    rotations and pre-RoPE keys included (docs/kernels.md).
     """
 
     key: QuantSpec | None = field(default_factory=lambda: QuantSpec(bits=4, axis="channel", group_size=64))
@@ -198,9 +198,9 @@ class CacheConfig:
 
     @property
     def kernel_readable(self) -> bool:
-        """Whether the native fused kernels can read this cache (plain int/FP8 codes, no transform)."""
-        plain = all(spec.is_plain for _, spec in self.named_specs())
-        return plain and not (self.rotate_keys or self.rotate_values or self.pre_rope_keys)
+        """Whether the native fused kernels can read this cache: every format (integer, FP8, codebook,
+        outliers) and transform (rotations, pre-RoPE keys) since issue 16."""
+        return True
 
     @property
     def read_paths(self) -> tuple[str, ...]:
@@ -414,7 +414,7 @@ PRESETS: dict[str, CacheConfig] = {
     ),
     "k2v2": _kivi(2, 2, 32),
     # The most accurate configurations measured within 4.6 / 3.6 / 2.8 bits per element
-    # (benchmarks/low_bit.py; README "Low-bit presets"). Reference read path only.
+    # (benchmarks/low_bit.py; README "Low-bit presets"). Read by both paths.
     "best-4bit": CacheConfig(
         key=QuantSpec(bits=4, axis="channel", group_size=64),
         value=QuantSpec(bits=4, axis="token", group_size=64),

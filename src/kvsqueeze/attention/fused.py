@@ -11,11 +11,14 @@ per query row, join the softmax denominator when a row is written: its output is
 Backends, by device: ``cpu`` the C++/OpenMP kernel (`kernels.cpu`), ``cuda`` the Triton kernel
 (`kernels.triton_attention`, when triton is installed). `fused_backend` returns None where no
 backend runs; the caller then takes the reference path (dequantize, then SDPA or
-`dense.dense_attention`).
+`dense.dense_attention`), never silently: a missing native build warns when it fails
+(`kernels.build`), a CUDA device without triton warns here, once per process.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -34,8 +37,22 @@ def fused_backend(device: torch.device) -> Backend | None:
     if device.type == "cuda":
         from ..kernels import triton_attention
 
-        return triton_attention.fused_attention if triton_attention.available() else None
+        if triton_attention.available():
+            return triton_attention.fused_attention
+        _warn_no_backend("cuda", "triton is not installed")
+        return None
+    _warn_no_backend(device.type, "kvsqueeze has fused kernels for cpu and cuda only")
     return None
+
+
+@functools.cache
+def _warn_no_backend(device: str, why: str) -> None:
+    warnings.warn(
+        f"kvsqueeze attention on {device}: no fused kernel ({why}); reading the cache through the "
+        "reference path (dequantize, then attention)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def fused_attention(

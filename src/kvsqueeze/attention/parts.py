@@ -31,6 +31,7 @@ from ..quant.exact import ExactTensor
 from ..quant.packed import PackedTensor
 from ..storage.layer import DraftReads, LayerStore
 from ..storage.row_sinks import RowSinkView
+from ..storage.transform import PartTransform
 from .reference import Workspace
 
 Part = PackedTensor | ExactTensor
@@ -41,11 +42,20 @@ class Segment:
     """``num_tokens`` tokens of keys and values, each (batch, kv_heads, >= num_tokens, head_dim).
 
     A page may hold more tokens than are used; only the first ``num_tokens`` belong to the segment.
+    ``key_transform``, ``value_transform``: the page transform the stored keys / values went through
+    (rotation, pre-RoPE keys; `LayerStore.read_transform`), which every reader undoes; None when they
+    are stored as the model computed them.
     """
 
     key: Part
     value: Part
     num_tokens: int
+    key_transform: PartTransform | None = None
+    value_transform: PartTransform | None = None
+
+    def transform(self, index: int) -> PartTransform | None:
+        """The transform of the keys (``index`` 0) or the values (1)."""
+        return self.key_transform if index == 0 else self.value_transform
 
 
 @dataclass
@@ -111,8 +121,10 @@ class AttentionParts:
             out = self.workspace.get(self.new.key.values, self.num_tokens)[index]
             pos = 0
             for seg in self.segments:
-                part = seg.key if index == 0 else seg.value
-                dequantize_into(part.slice_tokens(0, seg.num_tokens), out[:, :, pos : pos + seg.num_tokens])
+                part, rows = (seg.key, seg.value)[index], out[:, :, pos : pos + seg.num_tokens]
+                dequantize_into(part.slice_tokens(0, seg.num_tokens), rows)
+                if seg.transform(index) is not None:
+                    seg.transform(index).restore_(rows)
                 pos += seg.num_tokens
             if self.row_sinks is not None:
                 self.row_sinks.overlay(out, index)
@@ -217,7 +229,10 @@ def snapshot(
     """The parts for attention over ``store`` plus the new ``key``, ``value`` (batch, kv_heads, n,
     head_dim), with the verification reads ``drafts`` of `LayerStore.draft_reads`. Must be called
     before ``store.append`` of the same tokens; `AttentionParts.finish` commits them."""
-    segments = [Segment(k, v, n) for k, v, n in store.segments(key, value)]
+    segments = [
+        Segment(k, v, n, store.read_transform(k, 0), store.read_transform(v, 1))
+        for k, v, n in store.segments(key, value)
+    ]
     segments.append(_exact(key, value))
     return AttentionParts(
         tuple(segments),

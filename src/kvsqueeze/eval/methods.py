@@ -6,8 +6,8 @@ Names:
   with ``@fused`` (``k4v4@fused``) its fused read path: the model's attention is switched to
   ``attn_implementation="kvsqueeze"`` (which runs plain SDPA for every other cache, so methods
   compared on the same model are unaffected); without it, the reference read path (token policies
-  that score by attention always take the fused one); ``@fused`` on a config the native kernels
-  cannot read (codebook/outlier formats, rotations, pre-RoPE keys: ``best-*``) is refused;
+  that score by attention always take the fused one); the native kernels read every config
+  (``best-*`` included, issue 16);
 * ``quanto-int4``, ``quanto-int2``, ``hqq-int4``, ``hqq-int2``, ... — transformers' `QuantizedCache`
   (group 64, residual 128, its defaults otherwise); needs the optional backend package.
 """

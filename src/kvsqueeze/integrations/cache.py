@@ -253,9 +253,9 @@ class SqueezedCache(Cache):
 
     ``fused`` selects the read path of the layers: the fused path (packed history read in place by
     ``attn_implementation="kvsqueeze"``) or the reference path. None (default) follows the model:
-    fused when its config's attention implementation is ``"kvsqueeze"``. Configs the native kernels
-    cannot read (codebooks, outliers, rotations, pre-RoPE keys: ``CacheConfig.kernel_readable``)
-    always take the reference path (a warning says so when ``fused=True`` was asked for).
+    fused when its config's attention implementation is ``"kvsqueeze"``. The native kernels read
+    every config (``CacheConfig.kernel_readable``: codebooks, outliers, rotations and pre-RoPE keys
+    included since issue 16).
 
     A ``best-*`` preset name resolves to a bundled per-layer calibration when one matches the model
     (`calibration.bundled`; the embedded SmolLM2-135M has one), else to the generic preset.

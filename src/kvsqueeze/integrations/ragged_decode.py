@@ -15,9 +15,10 @@ case the short way, with the same result to the bit:
   token of the layer (``fused_attention_many``: the sequences spread over the threads), each over
   ``[sinks | paged blocks | window | new token]``, the segments and order of the general path, planned
   as a call of its own would be (so the same floating-point sums, the same result to the bit). The
-  description of the paged blocks (`kernels.sources.source_meta`) is kept per store and
-  reused while its block table buffer, slabs and token count are unchanged (a decode step changes
-  none of them); sinks, window and the new token are described afresh (two integers each).
+  description of the paged blocks (`kernels.sources.source_meta`, with the page transform the
+  kernel undoes: rotation, pre-RoPE keys) is kept per store and reused while its block table
+  buffer, slabs and token count are unchanged (a decode step changes none of them); sinks, window
+  and the new token are described afresh (two integers each).
 * Then the token, rounded to the exact dtype once for the whole batch (`DecodeReader.exact_states`:
   one range check per layer instead of one per sequence), joins the window
   (`LayerStore.append_to_window`).
@@ -37,6 +38,7 @@ from ..quant.paged import PagedPart
 from ..storage.layer import LayerStore
 from ..storage.pages import PagedStore
 from ..storage.placement import SequencePlacement
+from ..storage.transform import PartTransform
 
 
 @dataclass
@@ -91,7 +93,10 @@ class DecodeReader:
         if held is None or not _same(held[0], key):
             part = PagedPart(tuple(slabs), ids, pages.block_size, pages.pool.per_slab, num_tokens)
             own: list[torch.Tensor] = []
-            row = sources.source_meta(part, own)
+            # the history's page transform (rotation, pre-RoPE keys), undone in the kernel; its tokens
+            # are contiguous from packed index 0 (`PackedClass.read_transform`)
+            transform = None if pages.transform is None else PartTransform(pages.transform, 0)
+            row = sources.source_meta(part, own, transform)
             held = (key, own, row)
             self._paged[pages] = held
         _, own, row = held

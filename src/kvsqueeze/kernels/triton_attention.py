@@ -4,8 +4,10 @@ Kept small on purpose. One Triton program per (batch, query head, query token) w
 page — integer keys grouped per channel, integer values grouped per token (2, 4 or 8 bits, the
 KIVI layout of every integer preset) — in tiles of ``BLOCK_T`` tokens, unpacking the planar codes
 in registers, and returns its output and log-sum-exp. Exact segments (sinks, window, new tokens)
-and any other page format (FP8, 3-bit, other grouping axes) are computed in torch on the
-dequantized page. All partial results are merged by log-sum-exp in torch.
+and any other page format (FP8, 3-bit, codebooks, outliers, other grouping axes) or transformed page
+(rotations, pre-RoPE keys: every ``best-*`` preset) are computed in torch on the dequantized page,
+its transform undone as the reference path does (issue 16: the CPU kernel reads them in place; the
+Triton program does not yet). All partial results are merged by log-sum-exp in torch.
 
 Paged segments (`PagedPart`, read through block tables by the CPU kernels) are first copied into
 contiguous storage with ``PagedPart.gather``: a fallback, costing one copy of the segment per call,
@@ -38,7 +40,11 @@ def available() -> bool:
 
 
 def _kernel_reads(part: PackedTensor | ExactTensor, is_key: bool) -> bool:
-    if not isinstance(part, PackedTensor) or part.spec.is_fp8 or part.spec.bits not in (2, 4, 8):
+    """Whether the Triton program reads ``part``: plain integer codes (no codebook, no outliers) of
+    2, 4 or 8 bits, grouped per channel (keys) or per token (values)."""
+    if not isinstance(part, PackedTensor) or not part.spec.is_plain or part.spec.is_fp8:
+        return False
+    if part.spec.bits not in (2, 4, 8):
         return False
     return part.spec.axis is (Axis.CHANNEL if is_key else Axis.TOKEN)
 
@@ -99,10 +105,14 @@ def fused_attention(
         seg_bias = None if bias is None else bias[..., pos : pos + n]
         # Fallback until the kernel reads block tables: paged parts as one contiguous copy.
         key, value = (p.gather() if isinstance(p, PagedPart) else p for p in (seg.key, seg.value))
-        if _kernel_reads(key, True) and _kernel_reads(value, False):
+        transforms = (getattr(seg, "key_transform", None), getattr(seg, "value_transform", None))
+        if transforms == (None, None) and _kernel_reads(key, True) and _kernel_reads(value, False):
             parts.append(_triton_part(query, key, value, n, seg_bias, scaling))
-        else:
+        else:  # other formats and transformed parts: dequantized, transform undone (as the reference)
             k, v = (p.slice_tokens(0, n).dequantize(dtype=torch.float32) for p in (key, value))
+            for x, transform in zip((k, v), transforms, strict=True):
+                if transform is not None:
+                    transform.restore_(x)
             parts.append(_torch_part(query, k, v, seg_bias, scaling))
         pos += n
     return _merge(parts, sinks).to(query.dtype).transpose(1, 2).contiguous()

@@ -47,7 +47,7 @@ from .row_sinks import RowSinks, RowSinkView
 from .staging import Staging
 from .state import StateDict, StateError, dtype_name, dtype_of
 from .token_class import ExactClass, PackedClass
-from .transform import PageTransform
+from .transform import PageTransform, PartTransform
 
 
 @dataclass(frozen=True)
@@ -350,6 +350,11 @@ class LayerStore:
         on ``out``, ``part`` of `segments` dequantized; only packed blocks are transformed."""
         self.placement.restore_(part, index, out)
         return out
+
+    def read_transform(self, part: Page, index: int) -> PartTransform | None:
+        """The page transform of keys (``index`` 0) or values (1) ``part`` of `segments`, for readers
+        that undo it themselves (the fused kernels); None when the part is stored untransformed."""
+        return self.placement.read_transform(part, index)
 
     def _plan(self, n: int) -> TokenPlan:
         """The policy's plan for appending ``n`` tokens to the held ones (computed once per step)."""

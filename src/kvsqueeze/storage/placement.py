@@ -24,7 +24,7 @@ from .block_pool import BlockPool
 from .pages import Page, SegmentTuple
 from .state import StateDict
 from .token_class import PackedClass
-from .transform import PageTransform
+from .transform import PageTransform, PartTransform
 
 
 class SequencePlacement:
@@ -93,6 +93,9 @@ class SequencePlacement:
 
     def restore_(self, part: Page, index: int, out: torch.Tensor) -> None:
         self.history.restore_(part, index, out)
+
+    def read_transform(self, part: Page, index: int) -> PartTransform | None:
+        return self.history.read_transform(part, index)
 
     # --- bookkeeping ---------------------------------------------------------------------------------
     def token_counts(self, evicted: int) -> dict[str, int]:

@@ -27,7 +27,7 @@ from ..policies.plan import Counts, TokenPolicy
 from .pages import Page, SegmentTuple
 from .state import StateDict, StateError
 from .token_class import ExactClass, PackedClass, token_class
-from .transform import PageTransform
+from .transform import PageTransform, PartTransform
 
 
 class PolicyPlacement:
@@ -169,6 +169,13 @@ class PolicyPlacement:
         for store in self.classes.values():
             if store.restore_(part, index, out):
                 return
+
+    def read_transform(self, part: Page, index: int) -> PartTransform | None:
+        for store in self.classes.values():
+            found = store.read_transform(part, index)
+            if found is not None:
+                return found
+        return None
 
     # --- bookkeeping ---------------------------------------------------------------------------------
     def token_counts(self, evicted: int) -> dict[str, int]:

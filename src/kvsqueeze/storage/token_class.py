@@ -27,7 +27,7 @@ from .exact_buffer import ExactBuffer, ExactChunks
 from .pages import Page, PagedStore, SegmentTuple
 from .staging import Staging
 from .state import StateDict
-from .transform import PageTransform
+from .transform import PageTransform, PartTransform
 
 POSITIONS_STEP = 256  # tokens by which the position buffer of a pre-RoPE class grows
 
@@ -131,6 +131,21 @@ class PackedClass:
         pages.restore_(out, start)
         return True
 
+    def read_transform(self, part: Page, index: int) -> PartTransform | None:
+        """The transform a reader of ``part`` must undo when it is this class's keys (``index`` 0) or
+        values (1) blocks with a page transform; else None."""
+        pages = (self.pages_k, self.pages_v)[index]
+        slabs = pages.pool.slabs
+        if (
+            pages.transform is None
+            or not isinstance(part, PagedPart)
+            or not slabs
+            or part.slabs[0] is not slabs[0]
+        ):
+            return None
+        start = 0 if self.positions is None else self.positions.view()[:, :, : part.num_tokens, 0]
+        return PartTransform(pages.transform, start)
+
     def dequantize_into(self, index: int, out: torch.Tensor) -> torch.Tensor:
         """The packed tokens of keys (``index`` 0) or values (1), dequantized with the transform undone,
         into ``out`` (batch, kv_heads, packed tokens, head_dim)."""
@@ -212,6 +227,9 @@ class ExactClass:
 
     def restore_(self, part: Page, index: int, out: torch.Tensor) -> bool:
         return False  # exact tokens are stored untransformed
+
+    def read_transform(self, part: Page, index: int) -> PartTransform | None:
+        return None
 
     def parts(self, name: str) -> dict[str, int]:
         return {f"{name}_keys": self.pages_k.nbytes, f"{name}_values": self.pages_v.nbytes}

@@ -68,6 +68,43 @@ class PageTransform:
         return start if isinstance(start, torch.Tensor) else self.position_offset + start
 
 
+@dataclass(frozen=True)
+class PartTransform:
+    """The page transform of one stored part (a `PagedPart` of keys or values), for readers that undo
+    it themselves instead of calling `PageTransform.decode_` on dequantized tokens (the fused kernels
+    rotate the query or the output, and apply RoPE to each key tile).
+
+    ``start``: where the part's tokens sit, as `PageTransform.decode_` takes it: the packed index of
+    its first token (an int; token ``t`` at cache position ``transform.position_offset + start + t``)
+    or the cache positions of its tokens, (batch, kv_heads, tokens) int32.
+    """
+
+    transform: PageTransform
+    start: int | torch.Tensor = 0
+
+    @property
+    def rotation(self) -> torch.Tensor | None:
+        """(head_dim, head_dim) float32 ``Q`` with stored ``x' = x @ Q``, or None."""
+        return self.transform.rotation
+
+    @property
+    def rope(self) -> Rope | None:
+        """The RoPE undone before storing (pre-RoPE keys), or None."""
+        return self.transform.rope
+
+    @property
+    def first_position(self) -> int:
+        """Cache position of token 0 when ``start`` is an int."""
+        assert isinstance(self.start, int), "per-token positions: see start"
+        return self.transform.position_offset + self.start
+
+    def restore_(self, out: torch.Tensor) -> torch.Tensor:
+        """In place: undo the transform on the part's tokens dequantized into ``out`` (batch, kv_heads,
+        tokens, head_dim), the first of them the part's first."""
+        start = self.start if isinstance(self.start, int) else self.start[:, :, : out.shape[-2]]
+        return self.transform.decode_(out, start)
+
+
 def constants_nbytes(layer_configs: list[CacheConfig], head_dim: int) -> int:
     """Bytes of the transform constants a cache of these layer configs holds (what
     `SqueezedCache.constants_nbytes` walks): one float32 (head_dim, head_dim) rotation per distinct

@@ -8,6 +8,12 @@
 // sinks None or (B, Hq, Lq) float32: one extra logit per query row in the softmax denominator whose
 // value is zero (GPT-OSS attention sinks), applied when the rows are written.
 // Returns (B, Lq, Hq, D) in the query's dtype, the layout transformers' attention functions return.
+//
+// Transforms of a segment's stored tokens (decode.h): keys rotated by Q (k' = k Q) are read with the
+// rotated query q Q, since q . k = (q Q) . (k Q); values rotated by Q are accumulated as stored and the
+// accumulator is rotated back once per segment and row: acc Q before the segment, then (acc + sum p v')
+// Q^T after it (exact, Q orthogonal; the softmax rescaling commutes). Pre-RoPE keys get RoPE in the
+// tile readers.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -17,6 +23,7 @@
 #include <vector>
 
 #include "decode.h"
+#include "dispatch.h"
 #include "online_softmax.h"
 #include "tile_generic.h"
 #include "tile_packed.h"
@@ -38,10 +45,37 @@ void load_queries(const at::Tensor& query, const Problem& p, int64_t b, int64_t 
     const scalar_t* src = q + b * query.stride(0) + hq * query.stride(1) + i * query.stride(2);
     for (int64_t c = 0; c < p.D; ++c) st.q[r * p.D + c] = static_cast<float>(src[c]) * p.scaling;
   }
+  std::copy_n(st.q.data(), nr * p.D, st.q_plain.data());
   std::fill(st.acc.begin(), st.acc.begin() + nr * p.D, 0.f);
   std::fill(st.zacc.begin(), st.zacc.begin() + nr * p.D, 0.f);
   std::fill(st.m.begin(), st.m.begin() + nr, kNegInf);
   std::fill(st.l.begin(), st.l.begin() + nr, 0.f);
+}
+
+// Rows x (nr x D) times Q (D x D), or Q^T, in place.
+void rotate_rows(float* x, int64_t nr, int64_t D, const float* Q, bool transpose, std::vector<float>& tmp) {
+  tmp.resize(D);
+  for (int64_t r = 0; r < nr; ++r) {
+    float* row = x + r * D;
+    std::fill(tmp.begin(), tmp.end(), 0.f);
+    if (transpose) {  // y[j] = sum_i x[i] Q[j][i]
+      for (int64_t j = 0; j < D; ++j) {
+        float s = 0.f;
+        const float* q = Q + j * D;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < D; ++i) s += row[i] * q[i];
+        tmp[j] = s;
+      }
+    } else {  // y[j] = sum_i x[i] Q[i][j]
+      for (int64_t i = 0; i < D; ++i) {
+        const float xi = row[i];
+        const float* q = Q + i * D;
+#pragma omp simd
+        for (int64_t j = 0; j < D; ++j) tmp[j] += xi * q[j];
+      }
+    }
+    std::copy(tmp.begin(), tmp.end(), row);
+  }
 }
 
 // 1 / softmax denominator of a row with running max m and sum l (relative to m), the sink logit s
@@ -139,8 +173,9 @@ at::Tensor fused_attention_impl(const at::Tensor& query, const std::vector<at::T
     p.sinks = s.data_ptr<float>();
   }
   const Mask mask(mask_t);
-  std::vector<PackedFn> fast(nseg);
-  for (int64_t s = 0; s < nseg; ++s) fast[s] = packed_reader(sources[2 * s], sources[2 * s + 1], p.D);
+  const int dot = key_dot_setting().load();
+  std::vector<FastReader> fast(nseg);
+  for (int64_t s = 0; s < nseg; ++s) fast[s] = packed_reader(sources[2 * s], sources[2 * s + 1], p.D, dot);
 
   // Work items: (b, h, row block, split); split the tokens only when (b, h, row block) are too few.
   const int64_t row_blocks = (p.R + kRowBlock - 1) / kRowBlock;
@@ -166,7 +201,7 @@ at::Tensor fused_attention_impl(const at::Tensor& query, const std::vector<at::T
     dec.reserve(sources.size());
     for (const Source& s : sources) dec.emplace_back(s, p.D);
     RowState st(std::min(p.R, kRowBlock), p.D);
-    std::vector<float> kbuf(kTile * p.D), vbuf(kTile * p.D);
+    std::vector<float> kbuf(kTile * p.D), vbuf(kTile * p.D), tmp;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t split = item % splits, rb = (item / splits) % row_blocks;
@@ -175,15 +210,26 @@ at::Tensor fused_attention_impl(const at::Tensor& query, const std::vector<at::T
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "kvsqueeze_q",
                                       [&] { load_queries<scalar_t>(query, p, b, h, r0, nr, st); });
       const int64_t lo = split * split_tokens, hi = std::min(p.T, lo + split_tokens);
+      const float* q_rot = nullptr;  // the rotation st.q holds (null: the plain query)
       for (int64_t s = 0; s < nseg; ++s) {
         const int64_t seg0 = p.seg_start[s];
         const int64_t a = std::max(lo, seg0) - seg0, e = std::min(hi, p.seg_start[s + 1]) - seg0;
         if (a >= e) continue;
-        if (fast[s]) {
-          fast[s](p, mask, b, h, r0, nr, seg0, a, e, sources[2 * s], sources[2 * s + 1], st);
-        } else {
-          attend_generic(p, mask, b, h, r0, nr, seg0, a, e, dec[2 * s], dec[2 * s + 1], kbuf.data(), vbuf.data(), st);
+        const Source &ks = sources[2 * s], &vs = sources[2 * s + 1];
+        const float* want = ks.rope == nullptr ? ks.rot : nullptr;  // rotated, post-RoPE keys: rotate q
+        if (want != q_rot) {
+          std::copy_n(st.q_plain.data(), nr * p.D, st.q.data());
+          if (want != nullptr) rotate_rows(st.q.data(), nr, p.D, want, false, tmp);
+          q_rot = want;
         }
+        if (vs.rot != nullptr) rotate_rows(st.acc.data(), nr, p.D, vs.rot, false, tmp);
+        if (fast[s]) {
+          attend_packed(p, mask, b, h, r0, nr, seg0, a, e, ks, vs, fast[s], st);
+        } else {
+          attend_generic(p, mask, b, h, r0, nr, seg0, a, e, dec[2 * s], dec[2 * s + 1], ks, kbuf.data(), vbuf.data(),
+                         st);
+        }
+        if (vs.rot != nullptr) rotate_rows(st.acc.data(), nr, p.D, vs.rot, true, tmp);
       }
       if (splits == 1) {
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "kvsqueeze_out", [&] {

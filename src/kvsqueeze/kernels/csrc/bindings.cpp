@@ -1,7 +1,9 @@
-// Python bindings of the CPU kernels (built at first use by kvsqueeze/kernels/cpu.py).
+// Python bindings of the CPU kernels (built at first use by kvsqueeze/kernels/build.py).
 #include <torch/extension.h>
 
 #include <vector>
+
+#include "dispatch.h"
 
 namespace kvsqueeze {
 at::Tensor fused_attention(const at::Tensor& query, const std::vector<at::Tensor>& tensors,
@@ -23,4 +25,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Causal attention of several independent queries, each over its own segments, in one call");
   m.def("dequantize_into", &kvsqueeze::dequantize_into,
         "Dequantize one packed page (or a paged part) into a float tensor");
+  m.def(
+      "key_dot_available", [](int dot) { return kvsqueeze::key_dot_available(dot); },
+      "Whether this build and CPU run key dot product `dot` (0 float, 1 avx2 int8, 2 avx512-vnni int8)");
+  m.def(
+      "key_dot", [] { return kvsqueeze::key_dot_setting().load(); }, "The key dot product in use");
+  m.def(
+      "set_key_dot",
+      [](int dot) {
+        TORCH_CHECK(kvsqueeze::key_dot_available(dot), "kvsqueeze: key dot ", dot, " is not available here");
+        return kvsqueeze::key_dot_setting().exchange(dot);
+      },
+      "Select the key dot product for later calls; returns the previous one");
 }

@@ -48,12 +48,22 @@ struct Mask {
   }
 };
 
+// Per work item: the scaled queries (q; q_plain keeps them while q holds the rotated ones of a
+// segment with rotated keys), per key group the queries times the key scales (qs), their int8 codes
+// (q8) and scales (qa) for integer dot products, and q . offset (qo); the key scales and offsets
+// themselves (ks, ko: pre-RoPE keys are dequantized); the output accumulators (acc, and zacc for
+// value offsets per channel group), running max m and sum l, and a tile of scores / weights (sc).
 struct RowState {
   int64_t rows, D;
-  std::vector<float> q, qs, acc, zacc, m, l, sc, qo;
+  std::vector<float> q, q_plain, qs, acc, zacc, m, l, sc, qo, qa, ks, ko;
+  std::vector<int8_t> q8_store;
+  int8_t* q8;  // rows x D, 64-byte aligned
   RowState(int64_t rows_, int64_t D_)
-      : rows(rows_), D(D_), q(rows_ * D_), qs(rows_ * D_), acc(rows_ * D_), zacc(rows_ * D_), m(rows_), l(rows_),
-        sc(rows_ * kTile), qo(rows_) {}
+      : rows(rows_), D(D_), q(rows_ * D_), q_plain(rows_ * D_), qs(rows_ * D_), acc(rows_ * D_), zacc(rows_ * D_),
+        m(rows_), l(rows_), sc(rows_ * kTile), qo(rows_), qa(rows_), ks(D_), ko(D_), q8_store(rows_ * D_ + 64) {
+    const auto addr = reinterpret_cast<uintptr_t>(q8_store.data());
+    q8 = q8_store.data() + ((64 - addr % 64) % 64);
+  }
   float* score(int64_t r) { return sc.data() + r * kTile; }
 };
 
@@ -77,8 +87,7 @@ inline void softmax_tile(const Problem& p, const Mask& mask, int64_t b, int64_t 
       const vf x = vload(sc + t);
       mv = x > mv ? x : mv;
     }
-    float mt = mv[0];
-    for (int i = 1; i < kLanes; ++i) mt = std::max(mt, mv[i]);
+    const float mt = hmax(mv);
     const float m_new = std::max(st.m[r], mt);
     if (m_new == kNegInf) {  // nothing visible yet: no weight
       std::fill(sc, sc + kTile, 0.f);
