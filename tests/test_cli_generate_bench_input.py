@@ -102,20 +102,10 @@ GENERATE_REFUSALS = [
     (("--evict", "1.5"), "--evict: 1.5 is not allowed", "(0, 1]"),
     (("--evict-scorer", "h2o"), "--evict-scorer: 'h2o' given without --evict", "add --evict"),
     (("--kv", "h2o-50", "--evict", "0.3"), "--evict: --kv h2o-50 already has a token policy", "k4v2"),
-    (  # best-3bit takes an eviction policy now, but not one the reference path cannot score
-        ("--kv", "best-3bit", "--evict", "0.3", "--evict-scorer", "h2o"),
-        "--evict-scorer: 'h2o' scores tokens by attention",
-        "allowed with it: 'knorm'",
-    ),
-    (
-        ("--kv-values", "nf4", "--evict", "0.5", "--evict-scorer", "h2o"),
-        "--evict-scorer: 'h2o' scores tokens by attention",
-        "allowed with it: 'knorm'",
-    ),
-    (
-        ("--kv-values", "nf4", "--attn", "fused"),
-        "--attn: 'fused' cannot run --kv k4v2+values=nf4",
-        "reference",
+    (  # an attention scorer needs the fused path
+        ("--kv", "k4v4", "--evict", "0.5", "--evict-scorer", "h2o", "--attn", "reference"),
+        "--attn: 'reference' cannot run",
+        "fused",
     ),
     (("--model", "./no/such/model"), "'./no/such/model'", "does not exist"),
 ]
@@ -283,6 +273,16 @@ def test_evict_builds_the_policy_of_the_presets(kv, scorer, default, needs_atten
     assert config.tokens.evict == 0.5 and config.tokens.default == default
     assert config.needs_attention is needs_attention
     assert config.replace(tokens=None) == PRESETS[kv]  # the rest of the base is kept
+
+
+@pytest.mark.parametrize("kv", ["best-3bit", "best-2bit"])
+def test_attention_scorers_take_every_format(kv: str) -> None:
+    """Since the fused kernels read every format (codebooks, outliers, rotations, pre-RoPE keys), an
+    attention-scored eviction combines with any base."""
+    config = KVChoice(kv, evict=0.3, evict_scorer="h2o").resolve().config
+    assert config.needs_attention and config.read_paths == ("fused",)
+    values = KVChoice("k4v2", values="nf4", evict=0.5, evict_scorer="snapkv").resolve().config
+    assert values.needs_attention and "fused" in values.read_paths
 
 
 def test_evict_matches_the_named_presets_exactly() -> None:

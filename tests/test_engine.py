@@ -397,11 +397,12 @@ class _GeneralOnly(DecodeReader):
         return False
 
 
-@pytest.mark.parametrize("kv", ["none", "int8", "k4v4", "k2v2", "fp8"])
+@pytest.mark.parametrize("kv", ["none", "int8", "k4v4", "k2v2", "fp8", "best-4bit", "best-3bit", "best-2bit"])
 def test_decode_short_path_equals_the_general_path(kv: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode tokens read and stored by `ragged_decode.DecodeReader` give the logits of the general
     path bit for bit (same segments, same order), in a batch whose sequences cross block and window
-    boundaries at different steps; the short path is really taken."""
+    boundaries at different steps; the short path is really taken. best-*: codebooks, outliers,
+    rotated values and pre-RoPE keys, undone in the kernel on both paths."""
     calls = {"inputs": 0}
     inputs = DecodeReader.inputs
 

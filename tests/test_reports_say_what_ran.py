@@ -185,7 +185,8 @@ def test_demo_file_reloads_and_reruns(head48_dir, head48, tmp_path) -> None:
     model, tokenizer = head48
     assert set(payload) == {"config", "environment", "results"}
     for record, row in zip(payload["config"]["methods"], payload["results"], strict=True):
-        assert record_config(record) == SqueezedCache.from_model(model, record["name"]).cache_config
+        name = record["name"].removesuffix("@fused").removesuffix("@reference")  # the demo reads fused
+        assert record_config(record) == SqueezedCache.from_model(model, name).cache_config
         assert (
             row["config"] == record["config"] and row["packed_bytes_per_token"] == record["bytes_per_token"]
         )
@@ -195,7 +196,9 @@ def test_demo_file_reloads_and_reruns(head48_dir, head48, tmp_path) -> None:
         )
         config_file = tmp_path / f"{record['name']}-reloaded.json"
         config_file.write_text(json.dumps(record["config"]))
-        (again,) = rows_to_dicts(run_demo(model, tokenizer, [str(config_file)], 3, progress=False))
+        context = payload["config"]["context"]  # the prompt length the command ran
+        rerun = run_demo(model, tokenizer, [str(config_file)], 3, context_tokens=context, progress=False)
+        (again,) = rows_to_dicts(rerun)
         for field in (
             "agreement",
             "first_divergence",

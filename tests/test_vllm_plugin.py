@@ -38,7 +38,12 @@ def pool_block_bytes(spec: QuantSpec, heads: int, head_size: int, block_size: in
 def test_the_mappable_presets_are_the_plain_ones():
     names = set(mappable_presets())
     assert {"k4v4", "int8", "fp8", "k2v2"} <= names
-    assert "none" not in names and "best-2bit" not in names  # exact; a side store the kernels do not read
+    assert not names & {
+        "none",
+        "best-2bit",
+        "best-3bit",
+        "best-4bit",
+    }  # exact; codebooks, outliers, transforms
 
 
 @pytest.mark.parametrize("preset", sorted(mappable_presets()))

@@ -285,11 +285,6 @@ class KVChoice:
             config = config.replace(tokens=policy)
         except ValueError as err:
             raise ValueError(f"--evict: {self.evict:g} with --kv {self.label}: {err}") from None
-        if policy.needs_attention and not config.kernel_readable:
-            raise ValueError(
-                f"--evict-scorer: {scorer!r} scores tokens by attention, which only the fused path sees, and the "
-                f"fused kernels cannot read {self.label} (codebook or outlier formats); allowed with it: 'knorm'"
-            )
         return config
 
 

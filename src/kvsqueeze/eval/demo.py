@@ -84,7 +84,8 @@ def demo_methods(names: Sequence[str], fused: bool = True) -> list[Method]:
 
 
 def _reference_method(name: str) -> Method | None:
-    """``name`` on the reference path, or None for a config only the fused path runs."""
+    """``name`` (a preset or config path as given, ``@fused`` or not) on the reference path, or None
+    for a config only the fused path runs."""
     method = resolve_method(name.removesuffix(FUSED_SUFFIX))
     config = method.source if isinstance(method.source, CacheConfig) else preset(method.source)
     return method if "reference" in config.read_paths else None
@@ -152,7 +153,9 @@ def run_demo(
         )
         agree, first = agreement(exact.argmax, run.argmax)
         reference_speed = None
-        reference = _reference_method(method.name) if method.name.endswith(FUSED_SUFFIX) else None
+        reference = (
+            _reference_method(name) if method.name.endswith(FUSED_SUFFIX) else None
+        )  # as given: a path
         steps = min(reference_tokens, new_tokens)
         if reference is not None and steps > 0:
             reference_speed = greedy_decode(

@@ -43,12 +43,15 @@ def mappable_presets() -> dict[str, object]:
     transform, plain integer or FP8 codes the fused kernels read): name -> CacheConfig."""
     from kvsqueeze.config import PRESETS
 
+    def plain(spec: object) -> bool:  # integer or FP8 codes, no codebook, no outlier side store
+        return spec is not None and not spec.is_codebook and not spec.has_outliers
+
     return {
         name: config
         for name, config in PRESETS.items()
-        if config.key is not None
-        and config.value is not None
-        and config.kernel_readable
+        if plain(config.key)
+        and plain(config.value)
+        and not (config.rotate_keys or config.rotate_values or config.pre_rope_keys)
         and config.tokens is None
         and not config.layer_overrides
     }
