@@ -55,7 +55,11 @@ def _used(engine: LLMEngine) -> int:
 @pytest.mark.parametrize("preset", ["none", "k4v4", "int8", "k2v2"])
 @pytest.mark.parametrize("chunk", [512, 40])
 def test_batched_greedy_equals_solo(preset: str, chunk: int) -> None:
-    engine = LLMEngine(_model(), tiny_tokenizer(), kv=preset, max_num_batched_tokens=chunk)
+    """Against transformers' generate (one prefill forward): prompt chunks of ``chunk`` tokens end
+    before any token leaves the window of these short prompts, so they read what one forward reads."""
+    engine = LLMEngine(
+        _model(), tiny_tokenizer(), kv=preset, max_num_batched_tokens=chunk, chunked_prefill_size=chunk
+    )
     prompts = _prompts()
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, GREEDY)
@@ -434,3 +438,45 @@ def test_decode_short_path_equals_the_general_path(kv: str, monkeypatch: pytest.
     for a, b in zip(logits[True], logits[False], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert calls["inputs"] > 4 * 2 * 60  # most of the 4 x 79 decode tokens, in both layers of the tiny model
+
+
+@pytest.mark.parametrize("preset", ["k4v4", "k2v2", "best-3bit", "none"])
+def test_long_prompts_answer_the_same_under_load_as_alone(preset: str) -> None:
+    """Prompts longer than the window, prefilled in several chunks: each request's greedy tokens
+    under load (chunks beside other sequences' chunks and decodes) equal those of the same engine
+    serving it alone — prompt chunks end at fixed multiples of chunked_prefill_size, so the same
+    earlier tokens are read quantized whatever else runs."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, 128, (n,), generator=g).tolist() for n in (300, 517, 140, 450, 600, 77)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    def engine() -> LLMEngine:
+        return LLMEngine(_model(), tiny_tokenizer(), kv=preset, max_num_batched_tokens=160)
+
+    alone = {}
+    for i, p in enumerate(prompts):
+        solo = engine()
+        solo.add_request(str(i), p, params)
+        alone[str(i)] = _run(solo)[str(i)]
+    loaded = engine()
+    for i, p in enumerate(prompts):
+        loaded.add_request(str(i), p, params)
+    assert _run(loaded) == alone
+    assert _used(loaded) == 0
+
+
+def test_prompt_chunks_end_at_fixed_multiples() -> None:
+    """`Scheduler.chunk`: up to the next multiple of chunked_prefill_size (from a prefix hit too),
+    whole or not at all; a decoding sequence takes 1."""
+    engine = LLMEngine(_model(), tiny_tokenizer(), kv="k4v4", max_num_batched_tokens=100)
+    scheduler = engine.scheduler
+    assert scheduler.chunked_prefill_size == 50
+    engine.add_request("a", [5] * 130, GREEDY)
+    seq = engine.sequences["a"]
+    assert scheduler.chunk(seq, 100) == 50 and scheduler.chunk(seq, 49) == 0
+    seq.num_computed = 64  # e.g. a prefix hit of one block
+    assert scheduler.chunk(seq, 100) == 36 and scheduler.chunk(seq, 35) == 0
+    seq.num_computed = 100
+    assert scheduler.chunk(seq, 100) == 30  # the prompt's end
+    with pytest.raises(ValueError, match=r"^chunked_prefill_size: 200; allowed: 1 to max_num_batched_tokens"):
+        LLMEngine(_model(), tiny_tokenizer(), kv="k4v4", max_num_batched_tokens=100, chunked_prefill_size=200)

@@ -32,7 +32,7 @@ class LLM:
     ``model``: a model name, folder, GGUF file or hub id (default: the embedded
     SmolLM2-135M-Instruct), or a loaded transformers model (then pass its ``tokenizer``); ``kv``: the
     cache preset or config; other keyword arguments go to `LLMEngine` (``kv_budget``,
-    ``max_num_seqs``, ``max_num_batched_tokens``, ``fused``)."""
+    ``max_num_seqs``, ``max_num_batched_tokens``, ``chunked_prefill_size``, ``fused``)."""
 
     def __init__(
         self, model: Any = None, tokenizer: Any = None, kv: Any = DEFAULT_KV, **engine_args: Any

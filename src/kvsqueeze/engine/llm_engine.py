@@ -106,6 +106,9 @@ class LLMEngine:
             ``"256MiB"``); None: no limit (sequences are then bounded by ``max_num_seqs``).
         max_num_seqs: sequences running at once, at most.
         max_num_batched_tokens: new tokens per step, at most (prefill chunks fill what decodes leave).
+        chunked_prefill_size: prompt chunks end at multiples of this many tokens of their sequence
+            (None: half of ``max_num_batched_tokens``), so a request's tokens do not depend on what
+            else runs (see `scheduler`); at most ``max_num_batched_tokens``.
         fused: the fused read path (None: whenever the format's kernels read it).
 
     Raises ValueError for a bad argument, naming it.
@@ -121,13 +124,20 @@ class LLMEngine:
         max_num_batched_tokens: int = 512,
         fused: bool | None = None,
         model_name: str | None = None,
+        chunked_prefill_size: int | None = None,
     ) -> None:
         for name, value in (
             ("max_num_seqs", max_num_seqs),
             ("max_num_batched_tokens", max_num_batched_tokens),
+            ("chunked_prefill_size", 1 if chunked_prefill_size is None else chunked_prefill_size),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: {value!r}; allowed: an integer >= 1")
+        if chunked_prefill_size is not None and chunked_prefill_size > max_num_batched_tokens:
+            raise ValueError(
+                f"chunked_prefill_size: {chunked_prefill_size}; allowed: 1 to max_num_batched_tokens "
+                f"({max_num_batched_tokens}), a chunk must fit in one step"
+            )
         if kv_budget is not None and not isinstance(kv_budget, int):
             kv_budget = parse_size(kv_budget, "kv_budget")
         if isinstance(kv_budget, bool) or (kv_budget is not None and kv_budget <= 0):
@@ -156,7 +166,9 @@ class LLMEngine:
         self.dtype_bytes = next(model.parameters()).element_size()
         self._peaks = [0]
         self.budget = KVBudget(kv_budget, self.cost, self.peak, self.kv_cache_bytes)
-        self.scheduler = Scheduler(self.budget, max_num_seqs, max_num_batched_tokens, self._release)
+        self.scheduler = Scheduler(
+            self.budget, max_num_seqs, max_num_batched_tokens, self._release, chunked_prefill_size
+        )
         if kv_budget is not None and self.max_sequence_tokens() < 2:
             raise ValueError(
                 f"kv_budget: {kv_budget} bytes hold {self.max_sequence_tokens()} tokens of one sequence in "

@@ -3,7 +3,11 @@
 Every step (Orca's iteration-level scheduling, vLLM's chunked prefill):
 
 1. running sequences, oldest first, each get their uncomputed tokens — 1 when decoding, a chunk of
-   the prompt while prefilling — within ``max_num_batched_tokens`` tokens per step;
+   the prompt while prefilling — within ``max_num_batched_tokens`` tokens per step. A prompt chunk
+   ends at the next multiple of ``chunked_prefill_size`` tokens of its sequence (or at its end) and
+   is scheduled whole or not at all: where chunks end decides which earlier tokens a chunk reads
+   quantized (those that left the residual window), so fixed chunk ends make a sequence's tokens
+   independent of the batch it runs in — solo and under load alike;
 2. waiting sequences (preempted ones first, then by arrival) are admitted while the step has token
    room, ``max_num_seqs`` is not reached and the KV budget holds what they will need: the bytes of
    their whole prompt plus one token (`KVBudget.cost`), on top of what the running sequences hold
@@ -67,10 +71,13 @@ class Scheduler:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 512,
         preempt: Callable[[Sequence], None] | None = None,
+        chunked_prefill_size: int | None = None,
     ) -> None:
         self.budget = budget
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # None: half the step (room for decodes beside one chunk), as `LLMEngine` documents
+        self.chunked_prefill_size = chunked_prefill_size or max(1, max_num_batched_tokens // 2)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preempt_fn = preempt or (lambda seq: None)
@@ -94,6 +101,15 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def chunk(self, seq: Sequence, room: int) -> int:
+        """The new tokens ``seq`` computes this step given ``room`` tokens left: 1 while decoding; while
+        prefilling, its tokens up to the next multiple of ``chunked_prefill_size`` (or its last), or
+        0 when they do not fit in ``room`` (the chunk waits whole, its ends stay fixed)."""
+        size = self.chunked_prefill_size
+        end = min(seq.num_computed + seq.num_uncomputed, (seq.num_computed // size + 1) * size)
+        n = end - seq.num_computed
+        return n if n <= room else 0
+
     def schedule(self, admit: Callable[[Sequence], None]) -> ScheduledBatch:
         """The next step. ``admit(seq)`` gives a waiting sequence its cache (and prefix-cache hit,
         which sets ``seq.num_computed``) before its first chunk is planned."""
@@ -103,17 +119,17 @@ class Scheduler:
         # a sequence that failed a batched forward runs alone until it succeeds (it may be the culprit)
         suspect = next((s for s in self.running if s.failures), None)
         if suspect is not None:
-            n = min(suspect.num_uncomputed, tokens_left)
-            return ScheduledBatch([suspect], [n], preempted)
+            return ScheduledBatch([suspect], [self.chunk(suspect, tokens_left)], preempted)
         while True:
             plan: list[tuple[Sequence, int]] = []
             left = tokens_left
             for seq in sorted(self.running, key=lambda s: s.arrival):
                 if left <= 0:
                     break
-                n = min(seq.num_uncomputed, left)
-                plan.append((seq, n))
-                left -= n
+                n = self.chunk(seq, left)
+                if n:
+                    plan.append((seq, n))
+                    left -= n
             need = sum(self.budget.growth(s, n) for s, n in plan)
             if limit is None or len(self.running) <= 1 or self.budget.used() + need <= limit:
                 break
@@ -131,11 +147,13 @@ class Scheduler:
             want = self.budget.peak(seq.num_tokens + 1)
             if limit is not None and self.running and held + reserved + want > limit:
                 break
+            if not self.chunk(seq, tokens_left):  # (a prefix hit at admission only shortens the chunk)
+                break
             self.waiting.popleft()
             admit(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            n = min(seq.num_uncomputed, tokens_left)
+            n = self.chunk(seq, tokens_left)
             plan.append((seq, n))
             tokens_left -= n
             grow = self.budget.growth(seq, n)
