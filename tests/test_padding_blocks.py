@@ -153,3 +153,44 @@ def test_rows_all_padded_where_blocks_leave_the_window_use_the_null_block() -> N
     assert pool._null is not None and pool.num_used == 1 + real_blocks(store)
     assert bool((store.packed_k.tables.view()[:, 0] == pool._null).all())
     assert cache.memory_report().padding_tokens == 380 + 370
+
+
+@pytest.mark.parametrize("name", ["k4v4", "none", "small-window-k2v2"])
+def test_a_single_left_padded_row(name: str) -> None:
+    """A batch of one padded row (``padding="max_length"``): its start is its own (position ids of one
+    row are that row's), generate runs, blocks of padding are not stored, and with preset none the
+    logits equal a DynamicCache's."""
+    model = tiny()
+    ids, mask, _ = padded_batch([40])
+    ids, mask = (torch.nn.functional.pad(t, (260, 0)) for t in (ids, mask))
+    exact, squeezed = DynamicCache(config=model.config), SqueezedCache.from_model(model, PRESETS[name])
+    with torch.no_grad():
+        a = model.generate(ids, attention_mask=mask, cache=exact, max_new_tokens=6, do_sample=False)
+        b = model.generate(ids, attention_mask=mask, cache=squeezed, max_new_tokens=6, do_sample=False)
+    store = squeezed.layers[0].store
+    assert store.row_sinks.starts.tolist() == [260]
+    assert store.packed_k.pool.num_used <= real_blocks(store) + 1
+    assert squeezed.memory_report().padding_tokens == 260
+    if name == "none":
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["k4v4", "small-window-k2v2", "int8"])
+@pytest.mark.parametrize("attn", ["sdpa", "kvsqueeze"])
+def test_the_pad_token_does_not_change_a_rows_answer(name: str, attn: str) -> None:
+    """A block that is partly padding quantizes with its real tokens' scales alone (the padding is
+    replaced by the row's first real token before quantizing): the logits are the same whatever the
+    pad token id."""
+    model = tiny(attn)
+    logits = []
+    for pad in (0, 7, 100):
+        ids, mask, positions = padded_batch([70, 300])
+        ids = ids.masked_fill(mask == 0, pad)
+        cache = SqueezedCache.from_model(model, PRESETS[name])
+        with torch.no_grad():
+            model(ids, attention_mask=mask, position_ids=positions, cache=cache)
+            step = torch.tensor([[5], [6]])
+            mask = torch.cat([mask, torch.ones_like(step)], -1)
+            out = model(step, attention_mask=mask, position_ids=positions[:, -1:] + 1, cache=cache).logits
+        logits.append(out)
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])

@@ -53,9 +53,9 @@ LEFT_PADDING_ERROR = (
 )
 
 
-def _left_padded(position_ids: torch.Tensor | None, seen: int) -> bool:
+def _left_padded(position_ids: torch.Tensor | None, seen: int, batch: int) -> bool:
     """Whether some row of ``position_ids`` (batch, n) starts after the first column (left padding)."""
-    found = first_real_columns(position_ids)
+    found = first_real_columns(position_ids, batch)
     return found is not None and bool((found[0] & (found[1] + seen > 0)).any())
 
 
@@ -157,9 +157,10 @@ class SqueezedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.context.check(self.get_seq_length() + key_states.shape[-2])
         position_ids = (kwargs.get("kwargs") or kwargs).get("position_ids")
-        if not self.store.positional and _left_padded(position_ids, self.get_seq_length()):
+        batch = key_states.shape[0]
+        if not self.store.positional and _left_padded(position_ids, self.get_seq_length(), batch):
             raise ValueError(LEFT_PADDING_ERROR)
-        self.store.observe_positions(position_ids)
+        self.store.observe_positions(position_ids, batch)
         # tokens of the last step are accepted (no crop came), or were read by an attention other than
         # kvsqueeze's (no `AttentionParts.finish`): place them first
         self.store.settle()

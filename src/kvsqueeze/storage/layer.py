@@ -212,10 +212,10 @@ class LayerStore:
         return x.to(self.exact_dtype)
 
     # --- writing -------------------------------------------------------------------------------------
-    def observe_positions(self, position_ids: torch.Tensor | None) -> None:
-        """Note each row's first real token from the ``position_ids`` (batch, n) of the next tokens
-        (left-padded batches, `RowSinks`)."""
-        self.row_sinks.observe(position_ids, self.num_tokens)
+    def observe_positions(self, position_ids: torch.Tensor | None, batch: int | None = None) -> None:
+        """Note each row's first real token from the ``position_ids`` (batch, n) of the next tokens of a
+        batch of ``batch`` rows (left-padded batches, `RowSinks`)."""
+        self.row_sinks.observe(position_ids, self.num_tokens, batch)
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store new tokens ``key``, ``value`` (batch, kv_heads, n, head_dim), rounded to the exact
@@ -261,7 +261,27 @@ class LayerStore:
         first = self.num_seen - self.window.num_tokens  # seen position of the oldest window token
         leaving = self.window.push((key[:, :, s:], value[:, :, s:]), plan.to_quantize)
         if leaving is not None:
-            self.placement.place(leaving[0], leaving[1], first, self._padding_blocks(first, plan.to_quantize))
+            key, value = self._fill_padding(leaving[0], leaving[1], first)
+            self.placement.place(key, value, first, self._padding_blocks(first, plan.to_quantize))
+
+    def _fill_padding(
+        self, key: torch.Tensor, value: torch.Tensor, first: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``key``, ``value`` (batch, kv_heads, n, head_dim) leaving the window from column ``first`` on,
+        with each row's left padding replaced by its first real token: a block that is partly padding
+        then quantizes with scales and zero points of its real tokens alone (the padding's keys and
+        values depend on the pad token, which must not change a row's answer). Unchanged when no row
+        is padded here."""
+        starts = self.row_sinks.starts
+        if starts is None or not self.positional:
+            return key, value
+        n = key.shape[-2]
+        cols = torch.arange(n, device=key.device)
+        src = torch.maximum(cols[None, :], (starts.to(key.device) - first)[:, None]).clamp(max=n - 1)
+        if bool((src == cols).all()):
+            return key, value
+        index = src[:, None, :, None].expand(key.shape[0], key.shape[1], n, key.shape[-1])
+        return key.gather(2, index), value.gather(2, index)
 
     def _padding_blocks(self, first: int, n: int) -> torch.Tensor | None:
         """Which of the ``n / block_size`` blocks leaving the window from column ``first`` on hold only

@@ -40,12 +40,17 @@ class RowSinkView:
         out[rows, :, self.columns[rows, slots]] = exact[rows, :, slots].to(out.dtype)
 
 
-def first_real_columns(position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def first_real_columns(
+    position_ids: torch.Tensor | None, batch: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(has_start, column), each (batch,): whether a row's first real token is among these tokens and
     its column, from ``position_ids`` (batch, n). The first real token is the last position 0 of a row:
     ``generate`` numbers left padding 0 (transformers 5.24) or 1 (older releases). None when the ids
-    say nothing per row (absent, or one row broadcast to the batch)."""
-    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] < 2:
+    say nothing per row (absent, or one row broadcast to a batch of ``batch`` > 1 rows; one row of a
+    batch of one — ``batch`` 1 — is that row's own)."""
+    if position_ids is None or position_ids.dim() != 2:
+        return None
+    if position_ids.shape[0] < 2 and batch != 1:
         return None
     zero = position_ids == 0
     n = position_ids.shape[-1]
@@ -68,11 +73,11 @@ class RowSinks:
         """Whether some row starts after column 0 (a left-padded batch)."""
         return self.starts is not None
 
-    def observe(self, position_ids: torch.Tensor | None, seen: int) -> None:
+    def observe(self, position_ids: torch.Tensor | None, seen: int, batch: int | None = None) -> None:
         """Note where rows start from the ``position_ids`` (batch, n) of tokens stored from column
         ``seen`` on (`first_real_columns`); rows without a position 0 there keep theirs. Kept without
         sinks too: the store does not keep blocks of padding (`LayerStore._padding_blocks`)."""
-        found = first_real_columns(position_ids)
+        found = first_real_columns(position_ids, batch)
         if found is None:
             return
         has_start, first = found
