@@ -194,3 +194,29 @@ def test_the_pad_token_does_not_change_a_rows_answer(name: str, attn: str) -> No
             out = model(step, attention_mask=mask, position_ids=positions[:, -1:] + 1, cache=cache).logits
         logits.append(out)
     assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+
+
+@pytest.mark.parametrize("name", ["k4v4", "none"])
+@pytest.mark.parametrize("pad_position", [0, 1])
+def test_chunked_prefill_of_a_padded_batch_takes_starts_from_the_mask(name: str, pad_position: int) -> None:
+    """Chunks of a padded batch fed by hand (attention mask and position ids, padding numbered 0 or 1):
+    the row starts come from the 2-D attention mask the model's forward receives, so no block of
+    padding is stored even while a chunk is all padding; the cache holds what one forward leaves."""
+    model = tiny()
+    ids, mask, positions = padded_batch([20, 600], pad_position)
+    whole = SqueezedCache.from_model(model, PRESETS[name])
+    chunked = SqueezedCache.from_model(model, PRESETS[name])
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=positions, cache=whole)
+        for c in range(0, ids.shape[1], 128):
+            part = slice(c, c + 128)
+            model(
+                ids[:, part],
+                attention_mask=mask[:, : c + 128],
+                position_ids=positions[:, part],
+                cache=chunked,
+            )
+    store = chunked.layers[0].store
+    assert store.row_sinks.starts.tolist() == [580, 0]
+    assert store.packed_k.pool.num_used <= real_blocks(store) + 1
+    assert chunked.nbytes() <= whole.nbytes() + 2 * store.packed_k.pool.block_nbytes * len(chunked.layers) * 2

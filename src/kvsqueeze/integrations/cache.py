@@ -68,6 +68,10 @@ class ForwardShape:
 
     tokens: int | None = None
     chunk: int | None = None
+    # each row's first real column, from the forward's 2-D attention mask (batch, held + tokens): the
+    # first 1 of the row (the mask's width when the row is all padding so far); None without such a mask
+    row_starts: torch.Tensor | None = None
+    mask_width: int | None = None
 
     def chunk_for(self, tokens: int, held: int) -> int:
         """The chunk of a forward of ``tokens`` new tokens over ``held`` stored ones: as noted by the
@@ -100,6 +104,16 @@ def _note_forward(module: Any, args: tuple, kwargs: dict) -> None:
     known = tokens is not None and isinstance(keep, int) and 0 < keep <= tokens
     cache.forward_shape.tokens = tokens
     cache.forward_shape.chunk = tokens - keep + 1 if known else None
+    mask = kwargs.get("attention_mask")
+    starts = None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tokens is not None:
+        real = mask != 0
+        width = real.shape[1]
+        starts = torch.where(
+            real.any(1), real.int().argmax(1), torch.full_like(real[:, 0], width, dtype=torch.long)
+        )
+    cache.forward_shape.row_starts = starts
+    cache.forward_shape.mask_width = mask.shape[1] if starts is not None else None
 
 
 def _after_forward(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
@@ -160,7 +174,16 @@ class SqueezedLayer(CacheLayerMixin):
         batch = key_states.shape[0]
         if not self.store.positional and _left_padded(position_ids, self.get_seq_length(), batch):
             raise ValueError(LEFT_PADDING_ERROR)
-        self.store.observe_positions(position_ids, batch)
+        starts = self.forward_shape.row_starts
+        if (
+            starts is not None
+            and self.store.positional
+            and starts.shape[0] == batch
+            and self.get_seq_length() + key_states.shape[-2] == self.forward_shape.mask_width
+        ):
+            self.store.row_sinks.set_starts(starts.to(key_states.device))  # the mask says it exactly
+        else:
+            self.store.observe_positions(position_ids, batch)
         # tokens of the last step are accepted (no crop came), or were read by an attention other than
         # kvsqueeze's (no `AttentionParts.finish`): place them first
         self.store.settle()

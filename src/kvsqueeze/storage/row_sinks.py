@@ -87,6 +87,13 @@ class RowSinks:
         if self.starts is None:
             self.key = self.value = None
 
+    def set_starts(self, starts: torch.Tensor) -> None:
+        """Take each row's first real column ``starts`` (batch,) int64 as given (from the attention
+        mask: exact, where `observe` infers it from position ids)."""
+        self.starts = starts if bool((starts > 0).any()) else None
+        if self.starts is None:
+            self.key = self.value = None
+
     def view(self, held: int) -> RowSinkView | None:
         """The copies for a read over ``held`` stored tokens plus new ones; None when no row is padded."""
         if not self.active or self.key is None:
