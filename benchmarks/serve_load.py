@@ -1,7 +1,7 @@
 """Load test of `kvsqueeze serve` on loopback (issue 14), beside transformers' own continuous batching
 on the same model, machine and request mix.
 
-    python benchmarks/serve_load.py [--kv none,int8,k4v4,best-4bit] [--kv-budget 256MiB]
+    python benchmarks/serve_load.py [--kv none,int8,k4v4,best-4bit,k4v4:batch-invariant] [--kv-budget 256MiB]
         [--requests 32] [--concurrency 4,16] [--prompt-tokens 512] [--output-tokens 128] [--jitter 0]
         [--malformed 0.1] [--disconnect 0.1] [--beyond-context 0.05]
         [--peer transformers-serve|transformers-batch|none] [--text-file PATH] [--model smollm2-135m]
@@ -357,11 +357,15 @@ def free_port() -> int:
 
 
 def start_kvsqueeze(preset: str, args, log_dir: Path) -> Target:
+    """``preset``: a --kv value, with ``:batch-invariant`` appended for ``serve --batch-invariant``."""
     port = free_port()
-    argv = [sys.executable, "-m", "kvsqueeze.cli", "serve", "--model", args.model, "--kv", preset,
+    kv, _, mode = preset.partition(":")
+    argv = [sys.executable, "-m", "kvsqueeze.cli", "serve", "--model", args.model, "--kv", kv,
             "--kv-budget", args.kv_budget, "--port", str(port), "--served-model-name", KVSQUEEZE_NAME,
             "--max-waiting", str(max(1, args.requests)), "--request-timeout", str(args.request_timeout)]  # fmt: skip
-    log = open(log_dir / f"serve-{preset}.log", "wb")  # noqa: SIM115 (closed with the process)
+    if mode:
+        argv.append("--batch-invariant")
+    log = open(log_dir / f"serve-{preset.replace(':', '-')}.log", "wb")  # noqa: SIM115 (closed with the process)
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     return Target(
         f"kvsqueeze {preset}", f"http://127.0.0.1:{port}", KVSQUEEZE_NAME, {"ignore_eos": True}, True, process
@@ -522,7 +526,11 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--kv", default="none,int8,k4v4,best-4bit", help="comma-separated presets")
+    parser.add_argument(
+        "--kv",
+        default="none,int8,k4v4,best-4bit",
+        help="comma-separated presets; PRESET:batch-invariant serves it with --batch-invariant",
+    )
     parser.add_argument("--kv-budget", default="256MiB")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", default="4,16", help="comma-separated")
@@ -556,7 +564,8 @@ def parse_args() -> argparse.Namespace:
         "--malformed": 0 <= args.malformed <= 1,
         "--disconnect": 0 <= args.disconnect <= 1,
         "--beyond-context": 0 <= args.beyond_context <= 1,
-        "--kv": bool(args.presets),
+        "--kv": bool(args.presets)
+        and all(p.partition(":")[2] in ("", "batch-invariant") for p in args.presets),
     }
     for flag, ok in checks.items():
         if not ok:

@@ -76,7 +76,7 @@ def test_serve_process_answers_and_stops_on_sigint(tiny_llama_dir, tmp_path):
     log = tmp_path / "serve.log"
     env = {**os.environ, "KVSQUEEZE_API_KEY": "k3y", "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "kvsqueeze.cli", "serve", "--model", str(tiny_llama_dir), "--kv", "k4v4",
-            "--kv-budget", "64MiB", "--port", str(port), "--served-model-name", "tiny"]  # fmt: skip
+            "--kv-budget", "64MiB", "--port", str(port), "--served-model-name", "tiny", "--batch-invariant"]  # fmt: skip
     with open(log, "wb") as sink:
         process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
         try:
@@ -99,4 +99,5 @@ def test_serve_process_answers_and_stops_on_sigint(tiny_llama_dir, tmp_path):
                 process.wait(10)
     text = log.read_text()
     assert code in (0, 130), text  # uvicorn re-raises the SIGINT it handled: 130, "Ctrl-C"
+    assert "batch-invariant GEMMs" in text
     assert "prompt tokens" in text and PROMPT not in text and "rainbow" not in text

@@ -61,6 +61,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="bytes all sequences' KV caches may hold together, e.g. 256MiB, 2GiB; 'none' for no limit",
     )
     cmd.add_argument("--max-num-seqs", type=int, default=256, help="sequences running at once, at most")
+    cmd.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="matrix products in GEMMs of one shape, so a greedy request answers the same under any load as "
+        "alone (quantized caches too); slower at small batches (default: off)",
+    )
     cmd.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     cmd.add_argument("--port", type=int, default=8000, help="TCP port, 1-65535")
     cmd.add_argument(
@@ -224,9 +230,17 @@ def run(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = args.served_model_name or args.model
-    console.print(f"[dim]loading {args.model} with --kv {kv.label}, KV budget {args.kv_budget}...[/dim]")
+    invariant = ", batch-invariant GEMMs" if args.batch_invariant else ""
+    console.print(
+        f"[dim]loading {args.model} with --kv {kv.label}, KV budget {args.kv_budget}{invariant}...[/dim]"
+    )
     engine = LLMEngine.from_pretrained(
-        args.model, kv=kv.source, kv_budget=budget, max_num_seqs=args.max_num_seqs, model_name=name
+        args.model,
+        kv=kv.source,
+        kv_budget=budget,
+        max_num_seqs=args.max_num_seqs,
+        model_name=name,
+        batch_invariant=args.batch_invariant,
     )
     on_stopped = None
     if args.prompt_cache_dir is not None:
@@ -292,7 +306,7 @@ def _run_replicas(args: argparse.Namespace, kv: Any, budget: int | None) -> None
     name = args.served_model_name or args.model
     engine = EngineSpec(
         kwargs={"model": args.model, "kv": kv.source, "kv_budget": budget, "max_num_seqs": args.max_num_seqs,
-                "model_name": name}
+                "model_name": name, "batch_invariant": args.batch_invariant}
     )  # fmt: skip
     app = {"model_names": [name], "api_key": args.api_key, "max_waiting": args.max_waiting,
            "request_timeout": args.request_timeout, "log_prompts": args.log_prompts,

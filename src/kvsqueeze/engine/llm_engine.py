@@ -110,6 +110,10 @@ class LLMEngine:
             (None: half of ``max_num_batched_tokens``), so a request's tokens do not depend on what
             else runs (see `scheduler`); at most ``max_num_batched_tokens``.
         fused: the fused read path (None: whenever the format's kernels read it).
+        batch_invariant: every matrix product in GEMMs of one fixed shape
+            (`batch_invariant.BatchInvariantLinear`), so a greedy request's tokens are the same
+            under any load as alone, for quantized formats too; costs speed at small batches and
+            in long prompt chunks. False (default): the GEMM picks its blocking per batch size.
 
     Raises ValueError for a bad argument, naming it.
     """
@@ -125,7 +129,10 @@ class LLMEngine:
         fused: bool | None = None,
         model_name: str | None = None,
         chunked_prefill_size: int | None = None,
+        batch_invariant: bool = False,
     ) -> None:
+        if not isinstance(batch_invariant, bool):
+            raise ValueError(f"batch_invariant: {batch_invariant!r}; allowed: True or False")
         for name, value in (
             ("max_num_seqs", max_num_seqs),
             ("max_num_batched_tokens", max_num_batched_tokens),
@@ -144,7 +151,8 @@ class LLMEngine:
             raise ValueError(f"kv_budget: {kv_budget!r}; allowed: a positive number of bytes, or None")
         self.model, self.tokenizer = model, tokenizer
         self.model_name = model_name or getattr(model.config, "_name_or_path", None) or "model"
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, batch_invariant=batch_invariant)
+        self.batch_invariant = batch_invariant
         text_config = model.config.get_text_config(decoder=True)
         self.shape = KVShape.from_config(model.config)
         limit = context_limit(text_config).tokens

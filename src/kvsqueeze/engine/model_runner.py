@@ -3,7 +3,8 @@
 The step's new tokens of every sequence are laid end to end in ``input_ids`` (1, T) with their own
 positions in ``position_ids`` (1, T) — no padding — and the model runs with
 ``attn_implementation="kvsqueeze_ragged"`` over a `SequenceBatch` of the sequences' own caches
-(`integrations.batch_cache`). Only the logits of each sequence's last new token are computed
+(`integrations.batch_cache`); with ``batch_invariant`` every matrix product runs in GEMMs of one
+shape (`batch_invariant`). Only the logits of each sequence's last new token are computed
 (``logits_to_keep`` as indices), and only for sequences that sample after this step. The model's
 attention implementation is switched for the forward only (`ModelRunner.ragged`).
 """
@@ -18,6 +19,7 @@ import torch
 
 from ..integrations.batch_cache import NAME, SequenceBatch, check_model, register_ragged
 from ..integrations.ragged_decode import DecodeReader
+from .batch_invariant import BatchInvariantLinear, step_groups
 from .sequence import Sequence
 
 
@@ -25,8 +27,9 @@ class ModelRunner:
     """Runs ``model`` (a transformers causal LM with full-attention layers) on ragged batches.
     Raises ValueError for a model the ragged batch cannot serve (`batch_cache.check_model`)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, batch_invariant: bool = False) -> None:
         check_model(model)
+        self.invariant = BatchInvariantLinear(model) if batch_invariant else None
         register_ragged()
         self.model = model
         self.device = next(model.parameters()).device
@@ -64,7 +67,12 @@ class ModelRunner:
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
         batch = SequenceBatch([s.cache for s in sequences], num_tokens, input_ids, self.decode_reader)
         keep = torch.tensor([last[i] for i in sample_rows], dtype=torch.long, device=self.device)
-        with self.ragged():
+        invariant: Any = contextlib.nullcontext()
+        if self.invariant is not None:
+            starts = [s.num_computed for s in sequences]
+            groups = step_groups(starts, num_tokens, [len(s.prompt_ids) for s in sequences], self.device)
+            invariant = self.invariant.step(groups, len(ids))
+        with self.ragged(), invariant:
             out = self.model(
                 input_ids=input_ids,
                 position_ids=position_ids,
