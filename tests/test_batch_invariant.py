@@ -49,33 +49,49 @@ def test_step_groups_classify_rows_by_what_the_token_is() -> None:
     assert decode.tolist() == [5, 7, 8, 11, 12, 13, 14, 15, 16]
 
 
-def test_step_patches_only_plain_linears_and_restores_them() -> None:
-    class Scaled(torch.nn.Linear):  # a subclass keeps its own forward
+def _spy_tiles(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the rows per tile of every `tiled_linear` call the mode makes."""
+    seen: list[int] = []
+    real = bi.tiled_linear
+
+    def spy(x, weight, bias, rows):
+        seen.append(rows)
+        return real(x, weight, bias, rows)
+
+    monkeypatch.setattr(bi, "tiled_linear", spy)
+    return seen
+
+
+def test_step_tiles_every_linear_and_leaves_the_model_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Scaled(torch.nn.Linear):  # a subclass that calls F.linear is tiled too
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return 2 * super().forward(x)
 
     model = copy.deepcopy(tiny_llama())
     model.model.layers[0].mlp.down_proj.__class__ = Scaled
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda *_: calls.append(1))
+    seen = _spy_tiles(monkeypatch)
     invariant = BatchInvariantLinear(model)
-    seen: list[int] = []
-    real = F.linear
-
-    def spy(x, w, b=None):
-        seen.append(x.reshape(-1, x.shape[-1]).shape[0])
-        return real(x, w, b)
-
     ids = torch.randint(2, 128, (1, 7))
     with torch.no_grad():
         expected = model(ids).logits
+        calls.clear()
         groups = [(torch.arange(5), 4), (torch.arange(5, 7), 3)]
-        with pytest.MonkeyPatch.context() as mp, invariant.step(groups, 7):
-            mp.setattr(bi.F, "linear", spy)
+        with invariant.step(groups, 7):
             got = model(ids).logits
-    assert set(seen) == {4, 3, bi.OTHER_ROWS, 7}  # tiles; the output head; 7: the subclass's own forward
-    assert seen.count(7) == 1
+        num_calls = len(calls)
+        after = model(ids).logits  # the mode is gone after the step
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(after, expected)
+    # every layer linear: one tiled product per group; the output head: one, by OTHER_ROWS
+    assert len(seen) == 2 * (num_calls - 1) + 1
+    assert seen.count(bi.OTHER_ROWS) == 1 and set(seen) == {4, 3, bi.OTHER_ROWS}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all("forward" not in m.__dict__ for m in model.modules())
-    assert model.model.layers[0].mlp.down_proj not in invariant.linears
 
 
 @pytest.mark.parametrize(
@@ -101,15 +117,8 @@ def test_engine_refuses_a_non_bool() -> None:
 @pytest.mark.parametrize("preset", ["k4v4", "k2v2"])
 def test_engine_answers_the_same_under_load_as_alone(preset: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ten prompts of 5–300 tokens: alone, then all at once (batches of 1 to 10 decodes beside prompt
-    chunks); every GEMM the engine ran had a tile's number of rows."""
-    seen: set[int] = set()
-    real = F.linear
-
-    def spy(x, w, b=None):
-        seen.add(x.shape[0])
-        return real(x, w, b)
-
-    monkeypatch.setattr(bi.F, "linear", spy)
+    chunks); every product the engine ran was tiled."""
+    seen = _spy_tiles(monkeypatch)
     g = torch.Generator().manual_seed(5)
     prompts = [
         torch.randint(2, 128, (n,), generator=g).tolist() for n in (5, 300, 33, 140, 70, 1, 260, 90, 12, 200)
@@ -138,5 +147,5 @@ def test_engine_answers_the_same_under_load_as_alone(preset: str, monkeypatch: p
             assert o.error is None
             together.setdefault(o.request_id, []).extend(o.new_token_ids)
     assert together == alone and all(len(t) == 30 for t in alone.values())
-    assert seen == {bi.PROMPT_ROWS, bi.DECODE_ROWS, bi.OTHER_ROWS}
+    assert set(seen) == {bi.PROMPT_ROWS, bi.DECODE_ROWS, bi.OTHER_ROWS}
     assert loaded.pool.num_used == 0

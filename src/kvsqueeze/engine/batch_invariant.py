@@ -8,7 +8,7 @@ token; a quantized cache amplifies them — a key a few ULPs to the other side o
 gets another 4-bit code — so under load a request's answer could differ from its answer alone.
 
 `BatchInvariantLinear` removes the cause, as vLLM's ``VLLM_BATCH_INVARIANT`` and SGLang's
-``--enable-deterministic-inference`` do on GPUs: within a step, every ``nn.Linear`` multiplies its rows in
+``--enable-deterministic-inference`` do on GPUs: within a step, every ``F.linear`` multiplies its rows in
 GEMMs of one fixed number of rows (the last tile padded with zeros), so a row's result depends only
 on the row and the weight, never on the positions or contents of the other rows
 (`tests/test_batch_invariant.py`). The tile is chosen by what the row is, never by the batch: a
@@ -20,19 +20,19 @@ price is the padding: a batch of one decoding sequence computes `DECODE_ROWS` ro
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 # Tile sizes, chosen by measurement on the 2-core machine (embedded model's shapes, 2 threads; a tile
 # of another size would be as invariant, only slower):
 PROMPT_ROWS = 128  # prompt tokens: per row as cheap as a 256-row GEMM (~35 us for a layer's linears)
 DECODE_ROWS = 3  # generated tokens: a 3-row GEMM costs what a 1-row one does (~0.27 ms a layer), and
 #                  16 decoding sequences in 6 tiles about what one 16-row GEMM does
+_LINEAR = F.linear  # the function the mode intercepts (compared by identity)
 OTHER_ROWS = 16  # the output head over the sampled rows: 13 ms for 16 rows vs 4.5 ms for one
 
 
@@ -56,26 +56,25 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 class BatchInvariantLinear:
-    """Makes every ``nn.Linear`` of ``model`` (exactly that class; subclasses keep their forward)
-    multiply in tiles of fixed row counts (`tiled_linear`) within `step`.
+    """Makes ``torch.nn.functional.linear`` — every ``nn.Linear`` of ``model`` — multiply in tiles of
+    fixed row counts (`tiled_linear`) within `step`, through a `TorchFunctionMode` (PyTorch's public
+    seam for intercepting functions: the model's modules are not touched).
 
-    The output head (``model.get_output_embeddings()``, whose rows are the sampled tokens and whose
-    number may equal the step's by chance) and products over a number of rows other than the step's
-    are tiled by ``other_rows``. Raises ValueError for a tile size < 1."""
+    Products by the output head's weight (``model.get_output_embeddings()``: its rows are the
+    sampled tokens, whose number may equal the step's by chance) and over a number of rows other
+    than the step's are tiled by ``other_rows``. Raises ValueError for a tile size < 1."""
 
     def __init__(self, model: Any, other_rows: int = OTHER_ROWS) -> None:
         _check_rows(other_rows)
         head = model.get_output_embeddings()
-        self.linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m is not head]
-        self.head = head if type(head) is torch.nn.Linear else None
+        self.head_weight = getattr(head, "weight", None)
         self.other_rows = other_rows
 
-    @contextlib.contextmanager
-    def step(self, groups: Sequence[tuple[torch.Tensor, int]], num_rows: int) -> Iterator[None]:
-        """Within: the linears tile the step's ``num_rows`` rows (all leading dimensions of their
-        input flattened) by ``groups`` — (row indices (k,) long tensor, rows per tile) pairs that
-        cover each row exactly once. Raises ValueError when they do not; the modules' own forward
-        comes back after."""
+    def step(self, groups: Sequence[tuple[torch.Tensor, int]], num_rows: int) -> _TileMode:
+        """A context manager within which products over the step's ``num_rows`` rows (all leading
+        dimensions of their input flattened) are tiled by ``groups`` — (row indices (k,) long
+        tensor, rows per tile) pairs that cover each row exactly once. Raises ValueError when they
+        do not."""
         for _, rows in groups:
             _check_rows(rows)
         groups = [(idx, r) for idx, r in groups if idx.numel()]
@@ -86,36 +85,39 @@ class BatchInvariantLinear:
             raise ValueError(
                 f"groups: cover {covered} rows; allowed: each of the step's {num_rows} rows exactly once"
             )
-        other = self.other_rows
+        return _TileMode(groups, num_rows, self.head_weight, self.other_rows)
 
-        def forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-            lead = x.shape[:-1]
-            flat = x.reshape(-1, x.shape[-1])
-            if flat.shape[0] != num_rows:
-                out = tiled_linear(flat, module.weight, module.bias, other)
-            elif len(groups) == 1:
-                out = tiled_linear(flat, module.weight, module.bias, groups[0][1])
-            else:
-                out = flat.new_empty((flat.shape[0], module.weight.shape[0]))
-                for idx, rows in groups:
-                    out[idx] = tiled_linear(flat[idx], module.weight, module.bias, rows)
-            return out.reshape(*lead, module.weight.shape[0])
 
-        def head_forward(x: torch.Tensor) -> torch.Tensor:
-            flat = x.reshape(-1, x.shape[-1])
-            out = tiled_linear(flat, self.head.weight, self.head.bias, other)
-            return out.reshape(*x.shape[:-1], self.head.weight.shape[0])
+class _TileMode(TorchFunctionMode):
+    """`BatchInvariantLinear.step`'s mode: ``F.linear`` → `tiled_linear` by the step's groups."""
 
-        patched = [*self.linears, *([self.head] if self.head is not None else [])]
-        try:
-            for m in self.linears:
-                m.forward = functools.partial(forward, m)
-            if self.head is not None:
-                self.head.forward = head_forward
-            yield
-        finally:
-            for m in patched:
-                m.__dict__.pop("forward", None)
+    def __init__(
+        self, groups: list[tuple[torch.Tensor, int]], num_rows: int, head: torch.Tensor | None, other: int
+    ) -> None:
+        super().__init__()
+        self.groups, self.num_rows, self.head, self.other = groups, num_rows, head, other
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] != self.num_rows or weight is self.head:
+            out = tiled_linear(flat, weight, bias, self.other)
+        elif len(self.groups) == 1:
+            out = tiled_linear(flat, weight, bias, self.groups[0][1])
+        else:
+            out = flat.new_empty((flat.shape[0], weight.shape[0]))
+            for idx, rows in self.groups:
+                out[idx] = tiled_linear(flat[idx], weight, bias, rows)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is _LINEAR:
+            x = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if x.dim() >= 1 and weight.dim() == 2 and x.is_floating_point():
+                return self.linear(x, weight, bias)
+        return func(*args, **kwargs)
 
 
 def _check_rows(rows: Any) -> None:
