@@ -16,6 +16,7 @@ from tiny import prompt_ids, tiny_llama, tiny_tokenizer
 
 from kvsqueeze import KVPool, SqueezedCache
 from kvsqueeze.engine import LLM, LLMEngine, SamplingParams
+from kvsqueeze.engine.scheduler import Scheduler
 from kvsqueeze.integrations.ragged_decode import DecodeReader
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -480,3 +481,5 @@ def test_prompt_chunks_end_at_fixed_multiples() -> None:
     assert scheduler.chunk(seq, 100) == 30  # the prompt's end
     with pytest.raises(ValueError, match=r"^chunked_prefill_size: 200; allowed: 1 to max_num_batched_tokens"):
         LLMEngine(_model(), tiny_tokenizer(), kv="k4v4", max_num_batched_tokens=100, chunked_prefill_size=200)
+    with pytest.raises(ValueError, match=r"^chunked_prefill_size: 200; allowed: 1 to max_num_batched_tokens"):
+        Scheduler(engine.budget, 4, 100, chunked_prefill_size=200)  # built directly, too

@@ -533,3 +533,27 @@ def test_a_burst_into_an_idle_server_fills_free_slots_before_the_queue():
             session.close()
         assert codes == [200, 200, 429, 429], codes
         assert_idle(server)
+
+
+def test_a_burst_counts_free_slots_by_the_kv_budget():
+    """Running slots are bounded by the KV budget as well as max_num_seqs: with room for about one
+    sequence of the prompts seen so far, a burst of four gets one running, one waiting (max_waiting
+    1) and two 429s, although max_num_seqs would allow 256."""
+    prompt = "The quick brown fox jumps over"  # ~30 tokens of the character tokenizer
+    probe = tiny_engine("k4v4")
+    n = len(probe.encode(prompt))
+    budget = int(1.2 * probe.peak(n + 12))
+    engine = tiny_engine("k4v4", kv_budget=budget)
+    with serving(engine, max_waiting=1) as server:
+        warm = post(server, "/v1/completions", {"model": TINY_NAME, "prompt": prompt, "max_tokens": 2})
+        assert warm.status_code == 200, warm.text
+        assert engine.free_slots() == 1  # a second sequence of this prompt's length would not fit
+        body = {"model": TINY_NAME, "prompt": prompt, "max_tokens": 12}
+        with ThreadPoolExecutor(4) as pool:
+            opened = list(pool.map(lambda _: _stream(server, body), range(4)))
+        codes = sorted(response.status_code for _, response in opened)
+        for session, response in opened:
+            response.close()
+            session.close()
+        assert codes == [200, 200, 429, 429], codes
+        assert_idle(server)

@@ -73,6 +73,7 @@ class EngineStats:
     total_blocks: int
     prompt_tokens: int
     generation_tokens: int
+    num_free_slots: int = 0
 
 
 def _overlap(text: str, stop: str) -> int:
@@ -188,6 +189,7 @@ class LLMEngine:
         self.eos_ids = self._eos_ids()
         self.prefix_queries = self.prefix_hits = 0
         self.prompt_tokens = self.generation_tokens = 0
+        self.num_admitted = 0  # requests admitted at least once (prompt_tokens / num_admitted: mean prompt)
         self._counter = itertools.count()
         self._generator = torch.Generator().manual_seed(0)
 
@@ -343,6 +345,7 @@ class LLMEngine:
             self.prefix_queries += len(seq.prompt_ids)
             self.prefix_hits += hit
             self.prompt_tokens += len(seq.prompt_ids)
+            self.num_admitted += 1
 
     def _release(self, seq: Sequence) -> None:
         self._private.pop(seq.request_id, None)
@@ -448,6 +451,18 @@ class LLMEngine:
 
         return load_prefix_blocks(path, self.pool, self.model, self.cache_config)
 
+    def free_slots(self, used: int | None = None) -> int:
+        """Sequences that could start now beside the running ones: free running slots
+        (``max_num_seqs``), and with a budget at most the free bytes over the peak cost of a sequence
+        of the mean admitted prompt length plus one token (two tokens before any admission)."""
+        slots = max(0, self.scheduler.max_num_seqs - len(self.scheduler.running))
+        limit = self.budget.limit
+        if limit is None or not slots:
+            return slots
+        used = self.kv_cache_bytes() if used is None else used
+        mean = round(self.prompt_tokens / self.num_admitted) if self.num_admitted else 1
+        return min(slots, max(0, limit - used) // max(1, self.peak(mean + 1)))
+
     def stats(self) -> EngineStats:
         used = self.kv_cache_bytes()
         allocated = self.pool.nbytes
@@ -465,4 +480,5 @@ class LLMEngine:
             total_blocks=self.pool.num_free + self.pool.num_used,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            num_free_slots=self.free_slots(used),
         )

@@ -73,6 +73,11 @@ class Scheduler:
         preempt: Callable[[Sequence], None] | None = None,
         chunked_prefill_size: int | None = None,
     ) -> None:
+        if chunked_prefill_size is not None and not 1 <= chunked_prefill_size <= max_num_batched_tokens:
+            raise ValueError(
+                f"chunked_prefill_size: {chunked_prefill_size}; allowed: 1 to max_num_batched_tokens "
+                f"({max_num_batched_tokens}), a chunk must fit in one step"
+            )
         self.budget = budget
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -137,9 +142,12 @@ class Scheduler:
             self._preempt(newest)
             preempted.append(newest)
         held = (self.budget.used() if limit is not None else 0) + need
-        # the running sequences still need the rest of their prompts: keep room for it
+        # the running sequences still need the rest of their prompts — also those whose chunk did not
+        # fit in this step: keep room for it
+        planned = {id(s): n for s, n in plan}
         reserved = sum(
-            self.budget.growth(s, s.num_uncomputed + 1) - self.budget.growth(s, n) for s, n in plan
+            self.budget.growth(s, s.num_uncomputed + 1) - self.budget.growth(s, planned.get(id(s), 0))
+            for s in self.running
         )
         tokens_left = left
         while self.waiting and tokens_left > 0 and len(self.running) < self.max_num_seqs and not preempted:

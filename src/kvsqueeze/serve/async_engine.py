@@ -114,8 +114,6 @@ class AsyncEngine:
             )
         self.engine = engine
         self.max_waiting = max_waiting
-        scheduler = getattr(engine, "scheduler", None)
-        self._max_num_seqs = getattr(scheduler, "max_num_seqs", 0)  # running slots (0: unknown, none counted)
         self.request_timeout = request_timeout
         self.metrics = metrics
         self.stats = engine.stats()  # the latest snapshot, updated from the loop thread
@@ -161,8 +159,9 @@ class AsyncEngine:
         RequestFailed (any other error of ``add_request``)."""
         if not self.alive:
             raise EngineStopped("the server is shutting down; no new requests are taken")
-        # requests that free running slots take at once do not wait (a burst into an idle server)
-        free_slots = max(0, self._max_num_seqs - self.stats.num_running)
+        # requests that free running slots take at once do not wait (a burst into an idle server);
+        # the slots count the KV budget too (`LLMEngine.free_slots`)
+        free_slots = getattr(self.stats, "num_free_slots", 0)
         if self.num_waiting - free_slots >= self.max_waiting:
             raise QueueFull(self.num_waiting, max(1, min(60, math.ceil(self._mean_latency))))
         if request_id in self._streams:

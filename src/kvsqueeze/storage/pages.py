@@ -90,6 +90,7 @@ class PagedStore:
             ids = self.pool.allocate(b * nb, like=x)
             self.pool.write(ids, blocks)
         else:
+            padding = padding.cpu()  # block ids live on the CPU; the row starts on the model's device
             keep = (~padding).flatten().nonzero(as_tuple=True)[0]
             ids = torch.empty(b * nb, dtype=torch.int64)
             if len(keep):
