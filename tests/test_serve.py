@@ -520,17 +520,22 @@ def test_models_report_the_longest_sequence_the_budget_holds(budget):
     assert ("KV budget" in message) == (budget is not None), message
 
 
+def _burst(server, body: dict, n: int) -> list[int]:
+    """Open ``n`` streams of ``body`` at once, close them; their status codes, sorted."""
+    with ThreadPoolExecutor(n) as pool:
+        opened = list(pool.map(lambda _: _stream(server, body), range(n)))
+    for session, response in opened:
+        response.close()
+        session.close()
+    return sorted(response.status_code for _, response in opened)
+
+
 def test_a_burst_into_an_idle_server_fills_free_slots_before_the_queue():
     """max_num_seqs 1, max_waiting 1, four requests at once into an idle server: one runs, one waits,
     two get 429 — the request that takes the free running slot is not counted as waiting."""
     with serving(tiny_engine("k4v4", max_num_seqs=1), max_waiting=1) as server:
         body = {"model": TINY_NAME, "prompt": "Hi", "max_tokens": 1000}
-        with ThreadPoolExecutor(4) as pool:
-            opened = list(pool.map(lambda _: _stream(server, body), range(4)))
-        codes = sorted(response.status_code for _, response in opened)
-        for session, response in opened:
-            response.close()
-            session.close()
+        codes = _burst(server, body, 4)
         assert codes == [200, 200, 429, 429], codes
         assert_idle(server)
 
@@ -549,11 +554,6 @@ def test_a_burst_counts_free_slots_by_the_kv_budget():
         assert warm.status_code == 200, warm.text
         assert engine.free_slots() == 1  # a second sequence of this prompt's length would not fit
         body = {"model": TINY_NAME, "prompt": prompt, "max_tokens": 12}
-        with ThreadPoolExecutor(4) as pool:
-            opened = list(pool.map(lambda _: _stream(server, body), range(4)))
-        codes = sorted(response.status_code for _, response in opened)
-        for session, response in opened:
-            response.close()
-            session.close()
+        codes = _burst(server, body, 4)
         assert codes == [200, 200, 429, 429], codes
         assert_idle(server)

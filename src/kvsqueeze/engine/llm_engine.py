@@ -31,7 +31,7 @@ from ..integrations.context import context_limit
 from ..storage.prefix_cache import KVPool
 from .model_runner import ModelRunner
 from .sampling import SamplingParams, apply_penalties, sample
-from .scheduler import KVBudget, Scheduler
+from .scheduler import KVBudget, Scheduler, check_chunk_size
 from .sequence import Sequence, Status
 
 DEFAULT_KV = "k4v4"
@@ -141,11 +141,7 @@ class LLMEngine:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: {value!r}; allowed: an integer >= 1")
-        if chunked_prefill_size is not None and chunked_prefill_size > max_num_batched_tokens:
-            raise ValueError(
-                f"chunked_prefill_size: {chunked_prefill_size}; allowed: 1 to max_num_batched_tokens "
-                f"({max_num_batched_tokens}), a chunk must fit in one step"
-            )
+        check_chunk_size(chunked_prefill_size, max_num_batched_tokens)  # before the model is touched
         if kv_budget is not None and not isinstance(kv_budget, int):
             kv_budget = parse_size(kv_budget, "kv_budget")
         if isinstance(kv_budget, bool) or (kv_budget is not None and kv_budget <= 0):
@@ -153,7 +149,6 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         self.model_name = model_name or getattr(model.config, "_name_or_path", None) or "model"
         self.runner = ModelRunner(model, batch_invariant=batch_invariant)
-        self.batch_invariant = batch_invariant
         text_config = model.config.get_text_config(decoder=True)
         self.shape = KVShape.from_config(model.config)
         limit = context_limit(text_config).tokens

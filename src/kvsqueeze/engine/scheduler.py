@@ -62,6 +62,16 @@ class KVBudget:
         return max(0, self.peak(seq.num_computed + num_new) - self.cost(seq.num_computed))
 
 
+def check_chunk_size(chunked_prefill_size: int | None, max_num_batched_tokens: int) -> None:
+    """Raises ValueError when a prompt chunk of ``chunked_prefill_size`` tokens cannot fit in a step
+    of ``max_num_batched_tokens`` (None: the default, half a step, always fits)."""
+    if chunked_prefill_size is not None and not 1 <= chunked_prefill_size <= max_num_batched_tokens:
+        raise ValueError(
+            f"chunked_prefill_size: {chunked_prefill_size}; allowed: 1 to max_num_batched_tokens "
+            f"({max_num_batched_tokens}), a chunk must fit in one step"
+        )
+
+
 class Scheduler:
     """Waiting and running sequences; `schedule` picks the next step (module docstring)."""
 
@@ -73,11 +83,7 @@ class Scheduler:
         preempt: Callable[[Sequence], None] | None = None,
         chunked_prefill_size: int | None = None,
     ) -> None:
-        if chunked_prefill_size is not None and not 1 <= chunked_prefill_size <= max_num_batched_tokens:
-            raise ValueError(
-                f"chunked_prefill_size: {chunked_prefill_size}; allowed: 1 to max_num_batched_tokens "
-                f"({max_num_batched_tokens}), a chunk must fit in one step"
-            )
+        check_chunk_size(chunked_prefill_size, max_num_batched_tokens)
         self.budget = budget
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -161,8 +161,7 @@ class AsyncEngine:
             raise EngineStopped("the server is shutting down; no new requests are taken")
         # requests that free running slots take at once do not wait (a burst into an idle server);
         # the slots count the KV budget too (`LLMEngine.free_slots`)
-        free_slots = getattr(self.stats, "num_free_slots", 0)
-        if self.num_waiting - free_slots >= self.max_waiting:
+        if self.num_waiting - self.stats.num_free_slots >= self.max_waiting:
             raise QueueFull(self.num_waiting, max(1, min(60, math.ceil(self._mean_latency))))
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already running")
