@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from held import reachable_tensor_bytes
 from tiny import tiny_llama
 from transformers import DynamicCache, LlamaForCausalLM
 
@@ -32,6 +33,7 @@ def held(model: torch.nn.Module, name: str, prompt: int, decode: int = 0) -> Squ
             out = model(out.logits[:, -1:].argmax(-1), cache=cache)
     stores = [layer.store for layer in cache.layers]
     assert cache.nbytes() == store_tensor_bytes(stores)  # reported bytes are the bytes held
+    assert cache.nbytes() == reachable_tensor_bytes(cache)  # and nothing else is
     return cache
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from held import reachable_tensor_bytes
 from test_row_sinks import SMALL_WINDOW, padded_batch, tiny
 from transformers import DynamicCache
 
@@ -140,6 +141,7 @@ def test_generate_beam_search_and_reset_with_null_blocks(attn: str) -> None:
     assert out.shape == (2, 320)
     store = cache.layers[0].store
     assert store.nbytes == store_tensor_bytes([store])
+    assert cache.nbytes() == reachable_tensor_bytes(cache)  # each layer's row starts its own
     cache.reset()
     assert store.packed_k.pool.num_used == 0
 
@@ -220,3 +222,20 @@ def test_chunked_prefill_of_a_padded_batch_takes_starts_from_the_mask(name: str,
     assert store.row_sinks.starts.tolist() == [580, 0]
     assert store.packed_k.pool.num_used <= real_blocks(store) + 1
     assert chunked.nbytes() <= whole.nbytes() + 2 * store.packed_k.pool.block_nbytes * len(chunked.layers) * 2
+
+
+@pytest.mark.parametrize("lengths, width", [([20, 300], None), ([20], 200)])
+def test_the_report_says_its_counts_are_columns_of_a_padded_batch(
+    lengths: list[int], width: int | None
+) -> None:
+    report = prefill("k4v4", lengths, steps=3, width=width).memory_report()
+    columns = (width or max(lengths)) + 3
+    assert report.num_tokens == columns
+    assert report.real_tokens == sum(lengths) + 3 * len(lengths)
+    assert report.padding_tokens == columns * len(lengths) - report.real_tokens
+    rows = f"{len(lengths)} row{'s' if len(lengths) > 1 else ''}"
+    assert report.describe().endswith(
+        f"; a left-padded batch: these counts are the columns its rows share, and {report.padding_tokens} of "
+        "them over the rows are padding, not tokens (blocks of only padding are not stored; "
+        f"{report.real_tokens} tokens held over the {rows})"
+    )

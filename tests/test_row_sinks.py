@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from held import reachable_tensor_bytes
 from tiny import tiny_llama
 from transformers import DynamicCache, LlamaForCausalLM
 
@@ -135,3 +136,71 @@ def test_generate_keeps_the_padded_rows_sinks_exact(name: str) -> None:
     keys, _ = materialize(layer.store, empty, empty, Workspace())
     expected = exact.layers[0].keys[1, :, 260:264].to(layer.store.exact_dtype).float()
     torch.testing.assert_close(keys[1, :, 260:264], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["k2v2-keep10-knorm", "knorm-50"])
+@pytest.mark.parametrize("positions", ["absent", "one row"])
+def test_token_policies_refuse_a_left_padded_batch_fed_by_hand(name: str, positions: str) -> None:
+    """Called as ``model(ids, attention_mask=mask)``: the model numbers positions itself (one row for
+    the whole batch), so only the mask says which rows are padded."""
+    model = tiny()
+    ids, mask, _ = padded_batch([30, 50])
+    cache = SqueezedCache.from_model(model, name)
+    extra = {} if positions == "absent" else {"position_ids": torch.arange(ids.shape[1])[None]}
+    with torch.no_grad(), pytest.raises(ValueError, match="left-padded batch with a token-policy cache"):
+        model(ids, attention_mask=mask, cache=cache, **extra)
+    assert cache.get_seq_length() == 0
+    with torch.no_grad():  # a mask of ones is no padding
+        model(ids, attention_mask=torch.ones_like(mask), cache=cache)
+    assert cache.get_seq_length() == ids.shape[1]
+
+
+@pytest.mark.parametrize("name", ["k4v4", "none", "small-window-k2v2"])
+@pytest.mark.parametrize("first, second", [([20, 60], [60, 20]), ([20, 60], [30, 60]), ([60, 60], [30, 60])])
+def test_a_cache_refuses_another_batch_of_the_same_size_until_reset(
+    name: str, first: list[int], second: list[int]
+) -> None:
+    """The rows' starts of the held columns are the cache's; a mask that puts them elsewhere is
+    another batch, refused before anything changes (before: its starts replaced the held ones).
+    (A batch without padding comes without a mask from ``generate``: its position ids alone cannot
+    tell it from the next turn of the held batch.)"""
+    model = tiny()
+    config = CONFIGS.get(name, name)
+    cache = SqueezedCache.from_model(model, config)
+    ids, mask, _ = padded_batch(first)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=3, do_sample=False)
+    held, before = cache.get_seq_length(), cache.nbytes()
+    starts = [layer.store.row_sinks.starts for layer in cache.layers]
+    other, other_mask, _ = padded_batch(second)
+    longer = torch.cat([other, torch.full((2, held + 5 - other.shape[1]), 7)], -1)
+    longer_mask = torch.cat([other_mask, torch.ones(2, held + 5 - other.shape[1], dtype=torch.long)], -1)
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match=r"attention_mask: rows start at columns .*cache.reset"),
+    ):
+        model.generate(longer, attention_mask=longer_mask, cache=cache, max_new_tokens=2, do_sample=False)
+    assert cache.get_seq_length() == held and cache.nbytes() == before
+    for layer, known in zip(cache.layers, starts, strict=True):
+        kept = layer.store.row_sinks.starts
+        assert (kept is None and known is None) or torch.equal(kept, known)
+    cache.reset()
+    with torch.no_grad():
+        model.generate(longer, attention_mask=longer_mask, cache=cache, max_new_tokens=2, do_sample=False)
+    assert cache.nbytes() == reachable_tensor_bytes(cache)
+
+
+@pytest.mark.parametrize("name", ["k4v4", "small-window-k2v2"])
+def test_the_same_batch_continues_on_its_cache(name: str) -> None:
+    """Its next turn (the held columns as they were, then more tokens) is accepted, and each layer
+    holds its own copy of the starts: the reported bytes are the bytes held."""
+    model = tiny()
+    cache = SqueezedCache.from_model(model, CONFIGS[name])
+    ids, mask, _ = padded_batch([20, 100])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=3, do_sample=False)
+        more = torch.cat([out, torch.full((2, 4), 9)], -1)
+        more_mask = torch.cat([mask, torch.ones(2, more.shape[1] - mask.shape[1], dtype=torch.long)], -1)
+        model.generate(more, attention_mask=more_mask, cache=cache, max_new_tokens=3, do_sample=False)
+    assert cache.layers[0].store.row_sinks.starts.tolist() == [80, 0]
+    assert cache.nbytes() == reachable_tensor_bytes(cache)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from held import reachable_tensor_bytes
 from tiny import tiny_llama
 from transformers import DynamicCache, LlamaForCausalLM
 
@@ -23,6 +24,7 @@ from kvsqueeze.policies import Precision, TokenPolicy, presses
 from kvsqueeze.storage.exact_buffer import ExactBuffer, ExactChunks
 from kvsqueeze.storage.layer import LayerStore
 from kvsqueeze.storage.pages import PagedStore
+from kvsqueeze.storage.policy_placement import PolicyPlacement
 from kvsqueeze.storage.row_sinks import RowSinks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,12 +77,14 @@ def held(model: LlamaForCausalLM, config: CacheConfig, prompt: int, decode: int 
         for _ in range(decode):
             out = model(out.logits[:, -1:].argmax(-1), cache=cache)
     assert cache.nbytes() == store_tensor_bytes(stores(cache))  # reported bytes are the bytes held
+    assert cache.nbytes() == reachable_tensor_bytes(cache)  # scores and roles included
     return cache
 
 
 def exact_tensors(store: LayerStore) -> list[torch.Tensor]:
     """Every exact tensor the store holds: sinks, window, staging, exact class, exact pages."""
-    exact = [b for b in store.buffers() if not isinstance(b, PagedStore) or b.is_exact]
+    data = [b for b in store.buffers() if not isinstance(b, PolicyPlacement)]  # not its float32 scores
+    exact = [b for b in data if not isinstance(b, PagedStore) or b.is_exact]
     assert all(isinstance(b, (ExactBuffer, ExactChunks, PagedStore, RowSinks)) for b in exact)
     return [t for b in exact for t in b.tensors()]
 

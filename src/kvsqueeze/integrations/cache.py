@@ -117,9 +117,14 @@ def _note_forward(module: Any, args: tuple, kwargs: dict) -> None:
 
 
 def _after_forward(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-    """Forward hook: a cache on a shared pool publishes its new full blocks (`integrations.prefix`)."""
+    """Forward hook: drop the forward's row starts (the layers keep their own copies; the cache
+    holds nothing `nbytes` does not count); a cache on a shared pool publishes its new full blocks
+    (`integrations.prefix`)."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if isinstance(cache, SqueezedCache) and cache.token_ids is not None:
+    if not isinstance(cache, SqueezedCache):
+        return
+    cache.forward_shape.row_starts = cache.forward_shape.mask_width = None
+    if cache.token_ids is not None:
         publish(cache)
 
 
@@ -172,16 +177,21 @@ class SqueezedLayer(CacheLayerMixin):
         self.context.check(self.get_seq_length() + key_states.shape[-2])
         position_ids = (kwargs.get("kwargs") or kwargs).get("position_ids")
         batch = key_states.shape[0]
-        if not self.store.positional and _left_padded(position_ids, self.get_seq_length(), batch):
-            raise ValueError(LEFT_PADDING_ERROR)
         starts = self.forward_shape.row_starts
-        if (
+        if not (
             starts is not None
-            and self.store.positional
             and starts.shape[0] == batch
             and self.get_seq_length() + key_states.shape[-2] == self.forward_shape.mask_width
         ):
-            self.store.row_sinks.set_starts(starts.to(key_states.device))  # the mask says it exactly
+            starts = None  # no 2-D mask over every column of this forward
+        if not self.store.positional and (
+            _left_padded(position_ids, self.get_seq_length(), batch)
+            or (starts is not None and bool((starts > 0).any()))
+        ):
+            raise ValueError(LEFT_PADDING_ERROR)
+        if starts is not None and self.store.positional:
+            # the mask says it exactly
+            self.store.row_sinks.set_starts(starts.to(key_states.device), self.get_seq_length())
         else:
             self.store.observe_positions(position_ids, batch)
         # tokens of the last step are accepted (no crop came), or were read by an attention other than

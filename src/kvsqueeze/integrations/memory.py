@@ -51,8 +51,10 @@ class MemoryReport:
             text += f" (layer 0; the layers' counts differ, over all {self.num_layers}: {summed})"
         if self.padding_tokens:
             text += (
-                f"; rows of a left-padded batch: {self.padding_tokens} columns of padding over the rows, "
-                "not counted as tokens (blocks of only padding are not stored)"
+                f"; a left-padded batch: these counts are the columns its rows share, and "
+                f"{self.padding_tokens} of them over the rows are padding, not tokens (blocks of only "
+                f"padding are not stored; {self.real_tokens} tokens held over the {self.batch_size} "
+                f"row{'s' if self.batch_size != 1 else ''})"
             )
         return text
 

@@ -446,7 +446,7 @@ class LayerStore:
     def parts(self) -> dict[str, int]:
         """Bytes held, by part: ``sinks`` (row sinks included), the strategy's (``packed_keys``,
         ``packed_values``, ``block_tables``; or per class ``<class>_keys``, ``<class>_values`` and
-        ``<class>_staging``), and ``residual`` (the window and the pending tokens)."""
+        ``<class>_staging``, and the token policy's ``scores`` and roles), and ``residual`` (the window and the pending tokens)."""
         return {
             "sinks": self.sink_k.nbytes + self.sink_v.nbytes + self.row_sinks.nbytes,
             **self.placement.parts(),

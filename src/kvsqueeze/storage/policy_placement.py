@@ -113,8 +113,9 @@ class PolicyPlacement:
         self.scores += self.attention_scorer.observe(query, sinks, undecided, new.shape[-2], scaling)
 
     def set_roles(self, roles: torch.Tensor) -> None:
-        """Token roles (batch, tokens) int8 of the prompt (`Role`); later tokens are text."""
-        self.roles = roles
+        """Token roles (batch, tokens) int8 of the prompt (`Role`); later tokens are text. Kept as a
+        copy of this layer's own, so that its bytes are this layer's."""
+        self.roles = roles.to(torch.int8, copy=True)
 
     def _roles(self, batch: int, start: int, num: int, device: torch.device) -> torch.Tensor:
         out = torch.full((batch, num), int(Role.TEXT), dtype=torch.int8, device=device)
@@ -185,10 +186,17 @@ class PolicyPlacement:
         return out
 
     def parts(self) -> dict[str, int]:
+        """Bytes per class (``<class>_keys``, ``<class>_values``, ``<class>_staging``) and ``scores``:
+        the undecided tokens' attention scores and the prompt's token roles."""
         out: dict[str, int] = {}
         for cls, store in self.classes.items():
             out.update(store.parts(cls.name.lower()))
+        out["scores"] = sum(t.numel() * t.element_size() for t in self.tensors())
         return out
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The policy's own tensors: ``scores`` (batch, kv_heads, undecided) and ``roles`` (batch, marked)."""
+        return [t for t in (self.scores, self.roles) if t is not None]
 
     def constants(self) -> list[torch.Tensor]:
         return [t for store in self.classes.values() for t in store.constants()]
@@ -198,7 +206,7 @@ class PolicyPlacement:
             store.set_dtype(dtype)
 
     def buffers(self) -> list:
-        return [buf for store in self.classes.values() for buf in store.buffers()]
+        return [buf for store in self.classes.values() for buf in store.buffers()] + [self]
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for store in self.classes.values():

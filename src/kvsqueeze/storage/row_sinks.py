@@ -87,10 +87,20 @@ class RowSinks:
         if self.starts is None:
             self.key = self.value = None
 
-    def set_starts(self, starts: torch.Tensor) -> None:
+    def set_starts(self, starts: torch.Tensor, held: int = 0) -> None:
         """Take each row's first real column ``starts`` (batch,) int64 as given (from the attention
-        mask: exact, where `observe` infers it from position ids)."""
-        self.starts = starts if bool((starts > 0).any()) else None
+        mask: exact, where `observe` infers it from position ids), as a copy of this store's own.
+        Raises ValueError when they disagree with the starts of the ``held`` columns already stored
+        (another batch of the same size, fed without ``cache.reset()``)."""
+        if held:
+            known = self.starts if self.starts is not None else torch.zeros_like(starts)
+            if not torch.equal(known.to(starts.device).clamp(max=held), starts.clamp(max=held)):
+                raise ValueError(
+                    f"attention_mask: rows start at columns {starts.clamp(max=held).tolist()} of the {held} "
+                    f"held ones, where this cache's rows start at {known.clamp(max=held).tolist()}: it holds "
+                    "another batch; call cache.reset() (or pass a new cache) before a new batch"
+                )
+        self.starts = starts.clone() if bool((starts > 0).any()) else None
         if self.starts is None:
             self.key = self.value = None
 
