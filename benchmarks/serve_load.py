@@ -1,10 +1,11 @@
 """Load test of `kvsqueeze serve` on loopback (issue 14), beside transformers' own continuous batching
-on the same model, machine and request mix.
+and llama.cpp's server on the same model, machine and request mix.
 
     python benchmarks/serve_load.py [--kv none,int8,k4v4,best-4bit,k4v4:batch-invariant] [--kv-budget 256MiB]
         [--requests 32] [--concurrency 4,16] [--prompt-tokens 512] [--output-tokens 128] [--jitter 0]
         [--malformed 0.1] [--disconnect 0.1] [--beyond-context 0.05]
         [--peer transformers-serve|transformers-batch|none] [--text-file PATH] [--model smollm2-135m]
+        [--llama-cpp-python PYTHON] [--llama-cpp-threads N]
 
 For each ``--kv`` preset a `kvsqueeze serve` process starts on 127.0.0.1 (a free port), is warmed up,
 then takes ``--requests`` requests at each ``--concurrency`` (that many in flight at once), and
@@ -27,6 +28,14 @@ Peers: ``transformers-serve`` runs ``transformers serve --continuous-batching`` 
 full-precision cache) on the same model folder and drives it with the same HTTP load;
 ``transformers-batch`` calls ``model.generate_batch`` (transformers' continuous-batching API, no
 HTTP) on the valid requests of the mix, all submitted at once (TTFT from the request's creation).
+With ``--llama-cpp-python PYTHON`` (an interpreter that has ``llama-cpp-python[server]``; without
+it, or when it lacks ``llama_cpp.server``, that peer is skipped with the reason) llama.cpp's server
+runs too, through `llama_cpp_peer.py`: the model's own GGUF (Q4_1 weights, not the float32 ones the
+other runs use) with a q4_0 K and V cache, checked in its log, on ``--llama-cpp-threads`` threads
+(default: one per core; its spinning threads slow down sharply when another process takes a core),
+serving one request at a time (its row says so; the JSON has its version, KV cache and how it
+serves). It takes the same HTTP load, with the end-of-generation tokens banned by a logit bias
+instead of ``ignore_eos``; it answers most malformed bodies with 200 or 500, which count as errors.
 
 Every loop is bounded: a request times out after ``--request-timeout`` seconds, a run stops
 starting requests after ``--max-seconds``, a server that does not come up in ``--start-timeout``
@@ -46,10 +55,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+import llama_cpp_peer  # beside this script
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -61,6 +72,7 @@ DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 MALFORMED_BODIES = ("bad-json", "temperature", "type", "unknown-model", "empty-prompt", "n", "unknown-field")
 METRICS_PERIOD = 0.25
 KVSQUEEZE_NAME = "bench"
+LLAMA_CPP_NAME = "llama-cpp"
 
 
 @dataclass
@@ -90,7 +102,9 @@ class Outcome:
 
 @dataclass
 class Target:
-    """A server under test: its base URL, the model name it serves and what its requests carry."""
+    """A server under test: its base URL, the model name it serves, what its requests carry, the path
+    that answers 200 once it is up, ``check`` (once up: why the run must be skipped, or None) and
+    ``notes`` saved with its rows."""
 
     name: str
     url: str
@@ -98,6 +112,9 @@ class Target:
     extra: dict
     metrics: bool
     process: subprocess.Popen | None = None
+    health: str = "/health"
+    check: Callable[[], str | None] | None = None
+    notes: dict = field(default_factory=dict)
 
 
 # ---- the request mix ---------------------------------------------------------------------------
@@ -289,7 +306,7 @@ async def _settled(target: Target, seconds: float = 60) -> dict:
     async with httpx.AsyncClient(timeout=10) as http:
         while True:
             try:
-                up = (await http.get(f"{target.url}/health")).status_code == 200
+                up = (await http.get(f"{target.url}{target.health}")).status_code == 200
             except httpx.HTTPError:
                 up = False
             values = await _metrics(target) if up else {}
@@ -384,13 +401,71 @@ def start_transformers(model_dir: str, args, log_dir: Path) -> Target:
     return Target("transformers serve --cb", f"http://127.0.0.1:{port}", model_dir, no_eos, False, process)
 
 
+def gguf_file(model: str) -> Path | None:
+    """The GGUF file of ``--model`` (a named model's, found without importing its package, or a
+    .gguf path), None when it has none."""
+    import importlib.util
+
+    from kvsqueeze.models import NAMED_MODELS
+
+    named = NAMED_MODELS.get(model)
+    if named is None:
+        return Path(model) if model.lower().endswith(".gguf") and Path(model).is_file() else None
+    spec = importlib.util.find_spec(named.package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / named.gguf_file
+    return path if path.is_file() else None
+
+
+def prepare_llama_cpp(args) -> tuple[llama_cpp_peer.Probe, Path | None]:
+    """The llama.cpp peer's probe and GGUF file; ``probe.version`` is None when it is skipped."""
+    if args.llama_cpp_python is None:
+        return llama_cpp_peer.Probe(None, False, "no --llama-cpp-python PYTHON given"), None
+    gguf = gguf_file(args.model)
+    if gguf is None:
+        return llama_cpp_peer.Probe(None, False, f"--model {args.model!r} has no GGUF file"), None
+    return llama_cpp_peer.probe(args.llama_cpp_python, gguf, args.llama_cpp_threads, args.start_timeout), gguf
+
+
+def start_llama_cpp(args, found: llama_cpp_peer.Probe, gguf: Path, context: int, log_dir: Path) -> Target:
+    """llama-cpp-python's server with a q4_0 K and V cache of ``context`` tokens."""
+    port, threads = free_port(), args.llama_cpp_threads
+    argv = llama_cpp_peer.server_argv(
+        args.llama_cpp_python, gguf, port, context, threads, found.repack, LLAMA_CPP_NAME
+    )
+    log_path = log_dir / "serve-llama-cpp.log"
+    log = open(log_path, "wb")  # noqa: SIM115 (closed with the process)
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    notes = {
+        "llama_cpp_python": found.version,
+        "weights": f"{gguf.name} ({llama_cpp_peer.WEIGHTS}; the kvsqueeze runs use its float32 dequantization)",
+        "threads": threads,
+        "weight_repack": found.repack,
+        "weight_repack_detail": found.detail,
+        "serving": llama_cpp_peer.SERVING,
+        "argv": argv,
+    }
+    target = Target(llama_cpp_peer.LABEL, url, LLAMA_CPP_NAME, {}, False, process, health="/v1/models")
+
+    def check() -> str | None:
+        seen, problem = llama_cpp_peer.read_log(log_path.read_text(errors="replace"))
+        notes.update(seen)
+        target.extra = llama_cpp_peer.request_extra(seen["eog_tokens"])
+        return problem
+
+    target.check, target.notes = check, {"llama_cpp": notes}
+    return target
+
+
 def wait_up(target: Target, seconds: float) -> bool:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         if target.process is not None and target.process.poll() is not None:
             return False
         try:
-            if httpx.get(f"{target.url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{target.url}{target.health}", timeout=2).status_code == 200:
                 return True
         except httpx.HTTPError:
             pass
@@ -521,7 +596,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -545,6 +620,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--peer", choices=["transformers-serve", "transformers-batch", "none"], default="transformers-serve"
     )
+    parser.add_argument(
+        "--llama-cpp-python",
+        metavar="PYTHON",
+        help="an interpreter with llama-cpp-python[server]: runs llama.cpp's server too (q4_0 K/V)",
+    )
+    parser.add_argument(
+        "--llama-cpp-threads", type=int, default=os.cpu_count() or 1, help="default: one per core"
+    )
     parser.add_argument("--text-file", type=Path, default=DEFAULT_TEXT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--request-timeout", type=float, default=600.0)
@@ -552,7 +635,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--start-timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "serve_load.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "results" / "serve_load.png")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.presets = [p.strip() for p in args.kv.split(",") if p.strip()]
     args.concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     checks = {
@@ -564,6 +647,7 @@ def parse_args() -> argparse.Namespace:
         "--malformed": 0 <= args.malformed <= 1,
         "--disconnect": 0 <= args.disconnect <= 1,
         "--beyond-context": 0 <= args.beyond_context <= 1,
+        "--llama-cpp-threads": args.llama_cpp_threads >= 1,
         "--kv": bool(args.presets)
         and all(p.partition(":")[2] in ("", "batch-invariant") for p in args.presets),
     }
@@ -598,18 +682,30 @@ def main() -> None:
     starters = [(preset, lambda p=preset: start_kvsqueeze(p, args, log_dir)) for preset in args.presets]
     if args.peer == "transformers-serve":
         starters.append(("transformers", lambda: start_transformers(model_dir, args, log_dir)))
+    found, gguf = prepare_llama_cpp(args)
+    servers: dict[str, dict] = {}  # name -> notes and why it was skipped (None: it ran)
+    if found.version is None:
+        console.print(f"[yellow]llama.cpp peer skipped: {found.detail}[/yellow]")
+        servers[llama_cpp_peer.LABEL] = {"skipped": found.detail}
+    else:
+        kv = f"{llama_cpp_peer.KV_TYPE} K / {llama_cpp_peer.KV_TYPE} V (llama.cpp)"
+        starters.append((kv, lambda: start_llama_cpp(args, found, gguf, context, log_dir)))
     with Progress(console=console, transient=True) as progress:
         for name, start in starters:
             target = start()
             try:
                 console.print(f"starting {target.name} ...")
-                if not wait_up(target, args.start_timeout):
-                    console.print(f"[red]{target.name} did not come up; see {log_dir}[/red]")
+                problem = None if wait_up(target, args.start_timeout) else "did not come up"
+                if problem is None and target.check is not None:
+                    problem = target.check()
+                servers[target.name] = target.notes | {"skipped": problem}
+                if problem is not None:
+                    console.print(f"[red]{target.name} skipped: {problem}; see {log_dir}[/red]")
                     continue
                 warm_up(target, args)
                 for concurrency in args.concurrencies:
                     row = asyncio.run(run_load(target, mix, concurrency, args, progress))
-                    rows.append(row | {"kv": name})
+                    rows.append(row | {"kv": name} | target.notes)
                     console.print(
                         f"{target.name} C={concurrency}: {row['output_tok_s']:.1f} tok/s, {row['errors']} errors"
                     )
@@ -619,7 +715,7 @@ def main() -> None:
         console.print("transformers generate_batch ...")
         rows.append(run_generate_batch(args, mix, tokenizer) | {"kv": "exact (transformers)"})
     out_console.print(table(rows))
-    results = {"runs": rows, "git": git_revision(ROOT)}
+    results = {"runs": rows, "servers": servers, "git": git_revision(ROOT)}
     run_config = vars(args) | {"text_file": str(args.text_file), "out": str(args.out), "plot": str(args.plot)}
     save_results(args.out, run_config, results)
     plot(rows, args.plot)

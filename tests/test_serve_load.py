@@ -1,10 +1,12 @@
-"""benchmarks/llama_cpp_peer.py without starting a server: the server's command line, what its
-start-up log says, the probe's answer and the skip paths."""
+"""benchmarks/serve_load.py and its llama.cpp peer, without starting a server: the options, the
+server's command line, what its start-up log says, the probe's answer and the skip paths."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,10 +26,37 @@ llama_kv_cache: size =   50.62 MiB (  8192 cells,  30 layers,  1/1 seqs), K (q4_
 
 @pytest.fixture(scope="module")
 def bench():
-    """The script as a module, imported from its folder."""
+    """The two scripts as modules, imported from their folder as they import each other when run."""
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(BENCHMARKS))
-        yield None, importlib.import_module("llama_cpp_peer")
+        yield importlib.import_module("serve_load"), importlib.import_module("llama_cpp_peer")
+
+
+def test_options_default_to_no_llama_cpp_and_keep_the_others(bench):
+    serve_load, _ = bench
+    args = serve_load.parse_args([])
+    assert args.llama_cpp_python is None
+    assert args.llama_cpp_threads == (os.cpu_count() or 1)
+    assert (args.peer, args.presets, args.concurrencies) == (
+        "transformers-serve",
+        ["none", "int8", "k4v4", "best-4bit"],
+        [4, 16],
+    )
+
+
+def test_options_take_the_llama_cpp_interpreter_and_threads(bench):
+    serve_load, _ = bench
+    args = serve_load.parse_args(
+        ["--peer", "none", "--llama-cpp-python", "/opt/lcpp/bin/python", "--llama-cpp-threads", "1"]
+    )
+    assert (args.peer, args.llama_cpp_python, args.llama_cpp_threads) == ("none", "/opt/lcpp/bin/python", 1)
+
+
+def test_options_refuse_zero_llama_cpp_threads(bench, capsys):
+    serve_load, _ = bench
+    with pytest.raises(SystemExit):
+        serve_load.parse_args(["--llama-cpp-threads", "0"])
+    assert "--llama-cpp-threads: 0 is out of range" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("repack", [True, False])
@@ -96,8 +125,36 @@ def test_the_probe_answer(bench, returncode, stdout, stderr, expected):
     assert expected[2] in found.detail
 
 
+def test_the_peer_is_skipped_without_an_interpreter(bench):
+    serve_load, _ = bench
+    found, gguf = serve_load.prepare_llama_cpp(serve_load.parse_args([]))
+    assert (found.version, gguf) == (None, None)
+    assert found.detail == "no --llama-cpp-python PYTHON given"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is not None, reason="this interpreter has llama_cpp"
+)
+def test_the_peer_is_skipped_when_the_interpreter_lacks_llama_cpp(bench, tmp_path):
+    serve_load, _ = bench
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"")
+    args = serve_load.parse_args(["--model", str(gguf), "--llama-cpp-python", sys.executable])
+    found, _ = serve_load.prepare_llama_cpp(args)
+    assert found.version is None
+    assert found.detail.startswith(f"{sys.executable} has no llama_cpp.server")
+
+
 def test_the_peer_is_skipped_when_the_interpreter_is_missing(bench, tmp_path):
     _, peer = bench
     found = peer.probe(str(tmp_path / "no-python"), tmp_path / "model.gguf", 1)
     assert found.version is None
     assert "No such file" in found.detail
+
+
+def test_the_peer_is_skipped_without_a_gguf_file(bench, tmp_path):
+    serve_load, _ = bench
+    args = serve_load.parse_args(["--model", str(tmp_path), "--llama-cpp-python", sys.executable])
+    found, gguf = serve_load.prepare_llama_cpp(args)
+    assert (found.version, gguf) == (None, None)
+    assert "has no GGUF file" in found.detail
